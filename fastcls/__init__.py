@@ -1,0 +1,4 @@
+"fastcls: image classification on fastai and timm."
+from importlib.metadata import version as _version, PackageNotFoundError as _NotFound
+try: __version__ = _version('fastcls')
+except _NotFound: __version__ = 'unknown'

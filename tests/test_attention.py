@@ -1,0 +1,74 @@
+"Identity-preserving insertion of every registered attention into every supported backbone family."
+import pytest, timm, torch
+from fastcls.attention import attentions, add_attention, attention_modules, attention_params, attention_summary
+from fastcls.test_utils import pretrained_like
+
+archs = ['resnet18', 'resnet50', 'convnext_atto', 'regnety_002', 'mobilenetv2_035', 'efficientnet_b0']
+names = sorted(n for n in attentions.names if n != 'ca')  # 'ca' is an alias of 'coord'
+
+@pytest.fixture(scope='module')
+def x(): return torch.randn(2, 3, 64, 64)
+
+@pytest.mark.parametrize('arch', archs)
+@pytest.mark.parametrize('name', names)
+def test_insertion_keeps_outputs(arch, name, x):
+    torch.manual_seed(0)
+    m = pretrained_like(timm.create_model(arch, pretrained=False)).eval()
+    with torch.no_grad(): before = m(x)
+    n_params = sum(p.numel() for p in m.parameters())
+    add_attention(m, name)
+    mods = attention_modules(m)
+    assert mods, 'nothing inserted'
+    with torch.no_grad(): after = m(x)
+    assert (after - before).abs().max() < 1e-5
+    added = sum(p.numel() for p in attention_params(m))
+    assert added > 0 and sum(p.numel() for p in m.parameters()) == n_params + added
+    assert str(len(mods)) in attention_summary(m)
+
+def test_alias_ca_is_coord():
+    m = timm.create_model('mobilenetv2_035', pretrained=False)
+    add_attention(m, 'ca')
+    assert {type(a.attn).__name__ for a in attention_modules(m).values()} == {'CoordAttn'}
+
+def test_attention_is_on_residual_branch_before_addition(x):
+    "In a ResNet bottleneck SE takes bn3's output and the block returns relu(SE(branch) + shortcut)"
+    m = pretrained_like(timm.create_model('resnet50', pretrained=False)).eval()
+    add_attention(m, 'se', where='last')
+    blk = m.layer4[0]
+    assert blk.se.attn.fc1.in_channels == 2048 and blk.se.attn.fc1.out_channels == 2048 // 16
+    with torch.no_grad(): blk.se.gamma.fill_(1.)
+    seen = {}
+    blk.register_forward_hook(lambda mod, i, o: seen.update(inp=i[0], out=o))
+    blk.bn3.register_forward_hook(lambda mod, i, o: seen.update(bn3=o))
+    blk.se.attn.register_forward_hook(lambda mod, i, o: seen.update(se_in=i[0], se_out=o))
+    with torch.no_grad():
+        m(x)
+        assert torch.equal(seen['bn3'], seen['se_in'])
+        expected = torch.relu(seen['se_out'] + blk.downsample(seen['inp']))
+    assert torch.allclose(seen['out'], expected, atol=1e-6)
+
+def test_where_stage_indices_and_last():
+    m = timm.create_model('convnext_atto', pretrained=False)
+    add_attention(m, 'eca', where=[1, -1])
+    assert {n.split('.')[1] for n in attention_modules(m)} == {'1', '3'}
+
+@pytest.mark.parametrize('arch', archs)
+def test_moved_gamma_changes_output(arch, x):
+    "The insertion is not vacuous: on non-zero residual branches the attention acts once gamma moves"
+    m = pretrained_like(timm.create_model(arch, pretrained=False)).eval()
+    with torch.no_grad(): before = m(x)
+    add_attention(m, 'cbam')
+    with torch.no_grad():
+        for a in attention_modules(m).values(): a.gamma.fill_(1.)
+        assert (m(x) - before).abs().max() > 1e-3
+
+@pytest.mark.parametrize('arch,attn,where,msg', [
+    ('resnet18', 'senet', 'all', 'Valid choices'),
+    ('test_vit', 'se', 'all', 'Supported families'),
+    ('resnext26ts', 'cbam', 'all', 'Supported families'),
+    ('resnet18', 'se', 5, 'out of range'),
+    ('resnet18', 'se', 'middle', "'all', 'last'"),
+])
+def test_errors(arch, attn, where, msg):
+    m = timm.create_model(arch, pretrained=False)
+    with pytest.raises(ValueError, match=msg): add_attention(m, attn, where)

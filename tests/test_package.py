@@ -1,0 +1,31 @@
+"The package as users import it: star imports beside fastai, and the nbdev layout."
+import configparser, subprocess, sys, tomllib
+from pathlib import Path
+
+root = Path(__file__).parents[1]
+
+def test_star_import_does_not_shadow_fastai():
+    code = ("from fastai.vision.all import *\nbefore = dict(globals())\nfrom fastcls.all import *\n"
+            "clash = [k for k,v in before.items() if not k.startswith('_') and globals()[k] is not v]\n"
+            "print(clash); assert not clash, clash\nassert callable(cls_learner)")
+    subprocess.run([sys.executable, '-c', code], check=True)
+
+def test_all_exports_every_public_name():
+    import fastcls.all as a
+    from fastcls import learner, attention, models
+    assert {'cls_learner', 'add_attention', 'attentions', 'pools', 'heads'} <= set(a.__all__)
+    assert set(learner.__all__) <= set(a.__all__)
+
+def test_pyproject_holds_only_build_and_nbdev():
+    cfg = tomllib.loads((root/'pyproject.toml').read_text())
+    assert set(cfg) == {'build-system', 'tool'} and set(cfg['tool']) == {'nbdev'}
+    assert cfg['tool']['nbdev']['update_pyproject'] is False
+
+def test_settings_ini_is_the_metadata_source():
+    ini = configparser.ConfigParser(delimiters=['=']); ini.read(root/'settings.ini')
+    d = ini['DEFAULT']
+    for k in ('lib_name', 'version', 'description', 'requirements', 'dev_requirements'): assert d.get(k)
+    reqs = d['requirements'].split()
+    assert any(r.startswith('torch') for r in reqs) and any(r.startswith('timm') for r in reqs)
+    from importlib.metadata import version
+    assert version('fastcls') == d['version']
