@@ -1,0 +1,48 @@
+"Train a tiny fastcls learner; launched by tests/test_distributed.py alone (1 process) or under `torchrun` (DDP on CPU)."
+import argparse, json, os
+import torch
+from fastai.vision.all import TfmdDL, Callback, set_seed, rank_distrib, num_distrib
+from fastcls.learner import cls_learner
+from fastcls.test_utils import synth_dls
+import fastcls.distributed  # noqa: F401  (ClsLearner.to_distributed)
+
+def labels(ds): return [int(ds.tls[1][i]) for i in range(len(ds))]
+
+class GroupBalancedDL(TfmdDL):
+    "A batch-level sampler: every `group` consecutive indices hold `group/c` items of each class"
+    group = 8
+    def get_idxs(self):
+        ys = labels(self.dataset)
+        by_cls = [[i for i,y in enumerate(ys) if y == c] for c in sorted(set(ys))]
+        return [self.rng.choice(by_cls[j % len(by_cls)]) for j in range(self.n)]
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--out', required=True); p.add_argument('--bs', type=int, default=8)
+    p.add_argument('--epochs', type=int, default=2)
+    a = p.parse_args()
+    set_seed(0)
+    dls = synth_dls(n=66, size=32, n_classes=2, bs=a.bs, seed=0, device='cpu')
+    dls.train = dls.train.new(cls=GroupBalancedDL)
+    learn = cls_learner(dls, 'test_convnext', head='linear', pretrained=False)
+    seen = []
+    class Record(Callback):
+        order = 20
+        def before_train(self):
+            dl, get = self.learn.dl, self.learn.dl.get_idxs
+            def rec():
+                r = get(); seen.append([int(i) for i in r]); del dl.get_idxs; return r
+            dl.get_idxs = rec
+    with learn.no_bar(), learn.distrib_ctx():
+        learn.fit(a.epochs, 1e-3, cbs=Record())
+        values = [list(map(float, v)) for v in learn.recorder.values]
+        preds, targs = learn.get_preds()
+    y = labels(learn.dls.train_ds)
+    ys = [[y[i] for i in ep] for ep in seen]
+    res = dict(rank=rank_distrib(), world=num_distrib(), seen=seen, ys=ys, values=values,
+               preds=preds.tolist(), targs=targs.tolist())
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f'rank{rank_distrib()}.json'), 'w') as f: json.dump(res, f)
+    if rank_distrib() == 0: torch.save(learn.model.state_dict(), os.path.join(a.out, 'model.pth'))
+
+if __name__ == '__main__': main()
