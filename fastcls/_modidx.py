@@ -75,4 +75,11 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastcls.test_utils._write_synth': ('test_utils.html#_write_synth', 'fastcls/test_utils.py'),
                                     'fastcls.test_utils.pretrained_like': ('test_utils.html#pretrained_like', 'fastcls/test_utils.py'),
                                     'fastcls.test_utils.synth_df': ('test_utils.html#synth_df', 'fastcls/test_utils.py'),
-                                    'fastcls.test_utils.synth_dls': ('test_utils.html#synth_dls', 'fastcls/test_utils.py')}}}
+                                    'fastcls.test_utils.synth_dls': ('test_utils.html#synth_dls', 'fastcls/test_utils.py')},
+            'fastcls.weights': { 'fastcls.weights.ClsLearner.save_weights': ('weights.html#clslearner.save_weights', 'fastcls/weights.py'),
+                                 'fastcls.weights._inference_dls': ('weights.html#_inference_dls', 'fastcls/weights.py'),
+                                 'fastcls.weights._jsonable': ('weights.html#_jsonable', 'fastcls/weights.py'),
+                                 'fastcls.weights._replace_into': ('weights.html#_replace_into', 'fastcls/weights.py'),
+                                 'fastcls.weights._tfms': ('weights.html#_tfms', 'fastcls/weights.py'),
+                                 'fastcls.weights.load_cls_learner': ('weights.html#load_cls_learner', 'fastcls/weights.py'),
+                                 'fastcls.weights.weights_config': ('weights.html#weights_config', 'fastcls/weights.py')}}}

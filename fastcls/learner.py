@@ -23,7 +23,7 @@ class ClsLearner(Learner):
         super().create_opt()
         for p in attention_params(self.model): self.opt.state[p]['force_train'] = True
 
-# %% ../nbs/20_learner.ipynb #e3af2fba
+# %% ../nbs/20_learner.ipynb #22618148
 _learner_args = set(inspect.signature(Learner.__init__).parameters) - {'self', 'dls', 'model'}
 
 @delegates(Learner.__init__)
@@ -52,5 +52,6 @@ def cls_learner(dls, # fastai `DataLoaders`
     if loss_func is None and 'loss_func' in heads.meta(head): loss_func = heads.meta(head)['loss_func'](model[1][-1])
     learn = ClsLearner(dls, model, loss_func=loss_func, metrics=metrics, splitter=learn_kw.pop('splitter', cls_splitter), **learn_kw)
     if pretrained: learn.freeze()
-    store_attr('arch,attn,attn_where,pool,head,normalize,n_out,pretrained', self=learn)
+    store_attr('arch,attn,attn_where,pool,head,normalize,n_out,pretrained,n_in,model_kwargs', self=learn)
+    learn.head_kwargs = kwargs  # what is left after the `Learner` arguments: the head factory's arguments
     return learn
