@@ -39,7 +39,7 @@ def test_fresh_process_without_dls_or_pickle(saved):
         def _no(*a, **k): raise AssertionError('unpickling attempted')
         pickle.load = pickle.loads = torch.load = torch.serialization.load = _no
         learn = load_cls_learner({str(d)!r})
-        with learn.no_bar(): print(json.dumps([learn.predict(f)[2].tolist() for f in {files!r}]))
+        print(json.dumps([learn.predict(f)[2].tolist() for f in {files!r}]))
     """)
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
