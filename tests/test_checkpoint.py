@@ -1,0 +1,95 @@
+"Checkpoints: SIGKILL mid-epoch then resume gives the uninterrupted run; a kill during a save never corrupts the checkpoint; NaN stops."
+import json, os, signal, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from fastai.vision.all import Callback, set_seed
+from fastcls.learner import cls_learner
+from fastcls.checkpoint import CheckpointCallback, NonFiniteLossError, atomic_save
+from fastcls.test_utils import synth_dls
+
+SCRIPT = Path(__file__).parent/'ckpt_train.py'
+ENV = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])}
+
+def _train(*args, kill_on=None):
+    "Run the training script; with `kill_on`, SIGKILL it as soon as it prints that line"
+    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+    if kill_on is None:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    try:
+        for line in p.stdout:
+            if line.strip() == kill_on: break
+        else: pytest.fail(f'training ended without printing {kill_on}')
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None: p.kill()
+
+def _load(fn): return torch.load(fn, weights_only=True)
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp('ref')
+    _train('--dir', d/'ck', '--out', d/'final.pth')
+    return _load(d/'final.pth'), json.loads((d/'final.pth.json').read_text())
+
+def _same_as(reference, out):
+    ref, ref_vals = reference
+    got = _load(out)
+    for k in ref: torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5, msg=k)
+    torch.testing.assert_close(torch.tensor(json.loads(Path(str(out) + '.json').read_text())), torch.tensor(ref_vals), atol=1e-5, rtol=0)
+
+def test_sigkill_mid_epoch_then_resume(reference, tmp_path):
+    ck = tmp_path/'ck'
+    _train('--dir', ck, '--hang', 1, 2, kill_on='CHECKPOINTED')  # killed in epoch 1 after its 2nd batch
+    st = _load(ck/'last.pth')
+    assert (st['epoch'], st['iter'], st['train_iter'], st['n_epoch']) == (1, 2, 6, 2)
+    assert len(st['values']) == 1  # epoch 0's logged values
+    _train('--dir', ck, '--resume', '--out', tmp_path/'final.pth')
+    _same_as(reference, tmp_path/'final.pth')
+    assert _load(ck/'last.pth')['epoch'] == 2
+
+def test_kill_during_save_keeps_last_checkpoint(reference, tmp_path):
+    ck = tmp_path/'ck'
+    _train('--dir', ck, '--hang-in-save', 3, kill_on='WRITING')  # saves: (0,2), epoch 0 end, then killed writing (1,2)
+    tmps = list(ck.glob('.last.pth.*.tmp'))
+    assert len(tmps) == 1 and tmps[0].stat().st_size > 0  # the half-written file is the temporary one
+    with pytest.raises(Exception): _load(tmps[0])
+    st = _load(ck/'last.pth')  # the real checkpoint is whole: the end of epoch 0
+    assert (st['epoch'], st['iter']) == (1, 0)
+    _train('--dir', ck, '--resume', '--out', tmp_path/'final.pth')
+    _same_as(reference, tmp_path/'final.pth')
+    assert not list(ck.glob('.last.pth.*.tmp'))  # cleaned up by the resumed run
+
+def test_atomic_save_failure_leaves_old_file(tmp_path):
+    fn = tmp_path/'x.pth'
+    atomic_save({'a': torch.ones(2)}, fn)
+    class Boom:
+        def __reduce__(self): raise RuntimeError('boom')
+    with pytest.raises(RuntimeError, match='boom'): atomic_save({'a': torch.zeros(2), 'b': Boom()}, fn)
+    assert torch.equal(_load(fn)['a'], torch.ones(2)) and [p.name for p in tmp_path.iterdir()] == ['x.pth']
+
+def _learn():
+    set_seed(0)
+    return cls_learner(synth_dls(n=48, size=32, bs=8), 'test_convnext', head='linear', pretrained=False)
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    class Poison(Callback):
+        order = 0
+        def after_loss(self):
+            if self.training and self.epoch == 1 and self.iter == 3: self.learn.loss = self.loss * float('nan')
+    learn = _learn()
+    with learn.no_bar(), learn.no_logging(), pytest.raises(NonFiniteLossError) as e:
+        learn.fit_one_cycle(2, 1e-3, cbs=[CheckpointCallback(tmp_path, every=2), Poison()])
+    assert 'nan at epoch 1, batch 3' in str(e.value) and str(tmp_path/'last.pth') in str(e.value) and '(epoch 1, batch 2)' in str(e.value)
+    st = _load(tmp_path/'last.pth')
+    assert (st['epoch'], st['iter']) == (1, 2) and all(torch.isfinite(v).all() for v in st['model'].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())  # stopped before the step
+
+def test_resume_with_other_epochs_fails(tmp_path):
+    learn = _learn()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=CheckpointCallback(tmp_path))
+    with learn.no_bar(), learn.no_logging(), pytest.raises(ValueError, match='fit of 1 epochs'):
+        learn.fit(2, 1e-3, cbs=CheckpointCallback(tmp_path, resume=True))
