@@ -12,9 +12,9 @@ from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr, noop
 
 # %% auto #0
-__all__ = ['atomic_save', 'get_rng_states', 'set_rng_states', 'NonFiniteLossError', 'CheckpointCallback']
+__all__ = ['write_atomic', 'get_rng_states', 'set_rng_states', 'NonFiniteLossError', 'CheckpointCallback']
 
-# %% ../nbs/51_checkpoint.ipynb #a1252df4
+# %% ../nbs/51_checkpoint.ipynb #fddd1047
 def _plain(o):
     "`o` with NumPy values, fastcore `L`s and tensor subclasses made plain, as `torch.load(weights_only=True)` needs"
     if isinstance(o, torch.Tensor): return o.as_subclass(torch.Tensor) if type(o) is not torch.Tensor else o
@@ -25,15 +25,15 @@ def _plain(o):
     if isinstance(o, list) or type(o).__name__ == 'L': return [_plain(v) for v in o]
     return o
 
-def atomic_save(obj, fn) -> Path:
-    "`torch.save(obj)` to a temporary file next to `fn`, fsync it, then `os.replace` it onto `fn`"
+def write_atomic(fn, write) -> Path:
+    "Call `write(tmp)` on a temporary path next to `fn`, fsync it, then `os.replace` it onto `fn`: `fn` is never half-written"
     fn = Path(fn)
     fn.parent.mkdir(parents=True, exist_ok=True)
     fd,tmp = tempfile.mkstemp(dir=fn.parent, prefix=f'.{fn.name}.', suffix='.tmp')
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush(); os.fsync(f.fileno())
+        write(tmp)
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.replace(tmp, fn)
     finally:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
@@ -52,7 +52,7 @@ def set_rng_states(s:dict):
     torch.set_rng_state(s['torch'])
     if s['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-# %% ../nbs/51_checkpoint.ipynb #6416a68c
+# %% ../nbs/51_checkpoint.ipynb #62ed2d19
 class NonFiniteLossError(FloatingPointError):
     "The training loss became NaN or infinite"
 
@@ -137,6 +137,7 @@ class CheckpointCallback(Callback):
         self._saved = (epoch, it)
         if rank_distrib(): return
         sm = self.learn.recorder.smooth_loss
-        atomic_save(_plain(dict(model=getattr(self.model, 'module', self.model).state_dict(), opt=self.opt.state_dict(),
+        st = _plain(dict(model=getattr(self.model, 'module', self.model).state_dict(), opt=self.opt.state_dict(),
                                 epoch=epoch, iter=it, train_iter=self.learn.train_iter, n_epoch=self.n_epoch, dl_rng=dl_rng,
-                                rng=get_rng_states(), values=self.learn.recorder.values, smooth_loss=(sm.val, sm.count))), self.fn)
+                                rng=get_rng_states(), values=self.learn.recorder.values, smooth_loss=(sm.val, sm.count)))
+        write_atomic(self.fn, lambda t: torch.save(st, t))

@@ -21,7 +21,7 @@ def hang_in_save(n):
         calls[0] += 1
         if calls[0] < n: return orig(obj, f, *a, **k)
         buf = io.BytesIO(); orig(obj, buf, *a, **k)
-        f.write(buf.getvalue()[:len(buf.getvalue())//2]); f.flush()
+        with open(f, 'wb') as fh: fh.write(buf.getvalue()[:len(buf.getvalue())//2]); fh.flush()
         print('WRITING', flush=True); time.sleep(600)
     torch.save = save
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 from fastai.vision.all import Callback, set_seed
 from fastcls.learner import cls_learner
-from fastcls.checkpoint import CheckpointCallback, NonFiniteLossError, atomic_save
+from fastcls.checkpoint import CheckpointCallback, NonFiniteLossError, write_atomic
 from fastcls.test_utils import synth_dls
 
 SCRIPT = Path(__file__).parent/'ckpt_train.py'
@@ -63,12 +63,12 @@ def test_kill_during_save_keeps_last_checkpoint(reference, tmp_path):
     _same_as(reference, tmp_path/'final.pth')
     assert not list(ck.glob('.last.pth.*.tmp'))  # cleaned up by the resumed run
 
-def test_atomic_save_failure_leaves_old_file(tmp_path):
+def test_failed_write_leaves_old_file(tmp_path):
     fn = tmp_path/'x.pth'
-    atomic_save({'a': torch.ones(2)}, fn)
+    write_atomic(fn, lambda t: torch.save({'a': torch.ones(2)}, t))
     class Boom:
         def __reduce__(self): raise RuntimeError('boom')
-    with pytest.raises(RuntimeError, match='boom'): atomic_save({'a': torch.zeros(2), 'b': Boom()}, fn)
+    with pytest.raises(RuntimeError, match='boom'): write_atomic(fn, lambda t: torch.save({'a': torch.zeros(2), 'b': Boom()}, t))
     assert torch.equal(_load(fn)['a'], torch.ones(2)) and [p.name for p in tmp_path.iterdir()] == ['x.pth']
 
 def _learn():
