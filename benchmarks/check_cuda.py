@@ -5,7 +5,7 @@
 import torch, timm
 from fastai.vision.all import accuracy
 from fastcls.learner import cls_learner
-from fastcls.attention import attentions, add_attention, attention_modules
+from fastcls.attention import attentions, add_attention, blend_params
 from fastcls.test_utils import synth_dls, pretrained_like
 
 assert torch.cuda.is_available(), 'needs a GPU'
@@ -36,6 +36,6 @@ for prec in ('to_fp16', 'to_bf16'):
     losses = [v[0] for v in learn.recorder.values]
     print(f'{prec}: train losses {[round(l, 3) for l in losses]}, final accuracy {learn.recorder.values[-1][2]:.3f}')
     assert losses[-1] < losses[0]
-    gam = [m.gamma.item() for m in attention_modules(learn.model).values()]
+    gam = [g.item() for g in blend_params(learn.model)]
     assert any(g != 0 for g in gam)
 print('training: fp16 and bf16 fine_tune on CUDA lower the loss; attention gammas moved')
