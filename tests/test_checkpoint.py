@@ -93,3 +93,27 @@ def test_resume_with_other_epochs_fails(tmp_path):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=CheckpointCallback(tmp_path))
     with learn.no_bar(), learn.no_logging(), pytest.raises(ValueError, match='fit of 1 epochs'):
         learn.fit(2, 1e-3, cbs=CheckpointCallback(tmp_path, resume=True))
+
+def _fine_tune(path, crash_at=None):
+    "`fine_tune(1, freeze_epochs=1)` inside `learn.resumable(path)`; with `crash_at`, interrupted at that training batch (counted over both fits)"
+    learn, n = _learn(), [0]
+    class Crash(Callback):
+        def after_batch(self):
+            if self.training: n[0] += 1
+            if n[0] == crash_at: raise KeyboardInterrupt
+    with learn.no_bar(), learn.no_logging(), learn.resumable(path, every=2):
+        learn.fine_tune(1, 1e-3, freeze_epochs=1, cbs=Crash())
+    assert not any(isinstance(c, CheckpointCallback) for c in learn.cbs)  # the context removes its callback
+    return learn
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory): return _fine_tune(tmp_path_factory.mktemp('ft'))
+
+@pytest.mark.parametrize('crash_at', [3, 6, 7])  # 4 batches a fit: mid first fit; second fit before / after its first save
+def test_resumable_fine_tune(straight, tmp_path, crash_at):
+    with pytest.raises(KeyboardInterrupt): _fine_tune(tmp_path/'b', crash_at)
+    assert _load(tmp_path/'b'/'last.pth')['fit_no'] == (crash_at > 6)
+    resumed = _fine_tune(tmp_path/'b')
+    for (k,a),b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        if a.is_floating_point(): torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=k)
+    torch.testing.assert_close(torch.tensor(resumed.recorder.values), torch.tensor(straight.recorder.values), atol=1e-5, rtol=0)

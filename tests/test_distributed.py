@@ -37,7 +37,7 @@ def test_shards_disjoint_in_stream_order_and_balanced(runs):
     assert n_ep == 2 and all(len(r['seen']) == n_ep for r in ddp)
     for e in range(n_ep):
         s0,s1 = ddp[0]['seen'][e], ddp[1]['seen'][e]
-        assert len(s0) == len(s1) == 24  # 49 training items, drop_last of a global batch of 16
+        assert len(s0) == len(s1) == 24  # 48 training items, global batches of 16
         # rank r holds batches r, r+2, ...: interleaved they are the single-process epoch (a sampler's draw from rank 0)
         inter = [i for b in range(0, 24, bs) for i in s0[b:b+bs] + s1[b:b+bs]]
         assert inter == single[0]['seen'][e][:48]
