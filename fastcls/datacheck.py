@@ -12,7 +12,7 @@ from fastai.data.transforms import get_image_files, parent_label, Categorize
 # %% auto #0
 __all__ = ['check_image', 'check_images', 'check_image_df', 'check_image_folder', 'check_dls']
 
-# %% ../nbs/53_datacheck.ipynb #548c60ca
+# %% ../nbs/53_datacheck.ipynb #a9851de2
 _deep_modes = {'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'}
 _alpha_modes = {'RGBA', 'LA', 'PA', 'RGBa', 'La'}
 
@@ -22,6 +22,7 @@ def check_image(fn, # image file
     "The problem with image `fn` (or None) and its PIL mode (None if it could not be read)"
     fn = Path(fn)
     if not fn.is_file(): return 'file not found', None
+    mode = None  # unknown until the header is read
     try:
         with Image.open(fn) as im:
             mode,(w,h),info = im.mode,im.size,im.info

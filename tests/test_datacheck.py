@@ -17,6 +17,7 @@ def _faults(d):
         'deep16':    (lambda f: Image.fromarray(RGB[..., 0].astype(np.uint16)*257).save(f), 'I;16 (16-bit)'),
         'tiny':      (lambda f: Image.fromarray(RGB[:5, :40]).save(f), '32x5 pixels, smaller than min_size=16'),
         'truncated': (lambda f: f.write_bytes(_png_bytes(d)[:len(_png_bytes(d))//2]), 'truncated'),
+        'trunc_jpg': (lambda f: f.write_bytes(_jpg_bytes(d)[:len(_jpg_bytes(d))//2]), 'truncated'),  # fails in the header
         'garbage':   (lambda f: f.write_bytes(b'\x89PNG not really'), 'cannot identify'.replace('cannot', 'PIL can')),
         'empty':     (lambda f: f.write_bytes(b''), 'PIL can identify'),
     }
@@ -24,6 +25,11 @@ def _faults(d):
 def _png_bytes(d):
     f = d/'_src.png'
     if not f.exists(): Image.fromarray(RGB).save(f)
+    return f.read_bytes()
+
+def _jpg_bytes(d):
+    f = d/'_src.jpg'
+    if not f.exists(): Image.fromarray(RGB).save(f, quality=95)
     return f.read_bytes()
 
 @pytest.fixture
