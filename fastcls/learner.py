@@ -23,7 +23,7 @@ class ClsLearner(Learner):
         super().create_opt()
         for p in attention_params(self.model): self.opt.state[p]['force_train'] = True
 
-# %% ../nbs/20_learner.ipynb #22618148
+# %% ../nbs/20_learner.ipynb #e3af2fba
 _learner_args = set(inspect.signature(Learner.__init__).parameters) - {'self', 'dls', 'model'}
 
 @delegates(Learner.__init__)
