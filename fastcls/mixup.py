@@ -45,7 +45,7 @@ def _check_args(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, cutmix_minma
         raise ValueError(f"`cutmix_alpha` must be > 0 when CutMix is used (switch_prob={switch_prob} > 0), got {cutmix_alpha}; "
                          "for MixUp only set switch_prob=0")
 
-# %% ../nbs/10_mixup.ipynb #2d020f36
+# %% ../nbs/10_mixup.ipynb #3bc6bf18
 class CutMixUp(Callback):
     "MixUp (https://arxiv.org/abs/1710.09412) or CutMix (https://arxiv.org/abs/1905.04899) per batch or per element, any loss"
     run_valid = False
@@ -88,49 +88,53 @@ class CutMixUp(Callback):
             x = x.clone()
             x[..., yl:yh, xl:xh] = x[..., yl:yh, xl:xh][perm]
             return x
-        dev,(H,W) = x.device,x.shape[-2:]
-        lam,cut,box = lam.to(dev),cut.to(dev),box.to(dev)
-        rows,cols = torch.arange(H, device=dev),torch.arange(W, device=dev)
-        inside = (((rows >= box[:,:1]) & (rows < box[:,1:2]))[:,:,None] & ((cols >= box[:,2:3]) & (cols < box[:,3:]))[:,None]
-                  & cut[:,None,None])
-        w = torch.where(inside, 0., lam.where(~cut, 1.)[:,None,None])  # weight of the image itself, per pixel
-        return torch.lerp(x[perm.to(dev)], x, w.view(len(x), *[1]*(x.ndim-3), H, W).to(x.dtype))
+        dev = x.device
+        w = lam.to(dev).where(~cut.to(dev), 1.).view(-1, *[1]*(x.ndim-1))  # weight of the image itself
+        if cut.any():  # per pixel: 0 inside the pasted box
+            (H,W),box = x.shape[-2:],box.to(dev)
+            rows,cols = torch.arange(H, device=dev),torch.arange(W, device=dev)
+            inside = (((rows >= box[:,:1]) & (rows < box[:,1:2]))[:,:,None] & ((cols >= box[:,2:3]) & (cols < box[:,3:]))[:,None]
+                      & cut.to(dev)[:,None,None])
+            w = torch.where(inside.view(len(x), *[1]*(x.ndim-3), H, W), 0., w)
+        return torch.lerp(x[perm.to(dev)], x, w.to(x.dtype))
 
     def before_train(self):
-        self.old_lf,self.learn.loss_func = self.learn.loss_func,self.lf
+        if self.learn.loss_func != self.lf: self.old_lf,self.learn.loss_func = self.learn.loss_func,self.lf  # not twice after an error
     def after_train(self):
         if getattr(self, 'old_lf', None) is not None: self.learn.loss_func,self.old_lf = self.old_lf,None
     def after_cancel_train(self): self.after_train()
     def after_cancel_fit(self): self.after_train()
 
     def before_batch(self):
-        "Mix the inputs unless this batch is in the last `stop_pct` of training"
-        self.mixing,x = False,self.learn.xb[0]
+        "Mix the inputs unless this batch is in the last `stop_pct` of training; set `mixing`, `lam` and `yb1`"
+        x,yb = self.learn.xb[0],self.learn.yb
+        self.mixing,self.lam,self.yb1 = False,torch.ones(1, device=x.device),yb
         if self.pct_train >= 1 - self.stop_pct: return
         if x.ndim < 3 and self.switch_prob > 0: raise ValueError(f"CutMix needs image batches (B, C, H, W), got shape {tuple(x.shape)}; set switch_prob=0")
         self.draws = self.draw(len(x), x.shape[-2:] if x.ndim >= 3 else (1, 1))
         if (self.draws[0] == 1).all(): return
-        self.mixing,self.perm = True,self.draws[3].to(x.device)
+        perm = self.draws[3].to(x.device)
+        self.mixing,self.lam,self.yb1 = True,self.draws[0].to(x.device),tuple(y[perm] for y in yb)
         self.learn.xb = (self.mix(x, self.draws), *self.learn.xb[1:])
 
     def _lam(self, t):
-        "λ shaped to weigh `t`"
-        if self.mode == 'batch': return float(self.draws[0][0])
+        "λ shaped to weigh `t` (one value per batch, or per item in 'elem' mode)"
+        if self.mode == 'batch': return float(self.lam[0])
         if t.ndim == 0: raise ValueError("mode='elem' needs a loss that returns one value per item with reduction='none'")
-        return self.draws[0].to(t.device, t.dtype).view(-1, *[1]*(t.ndim-1))
+        return self.lam.to(t.device, t.dtype).view(-1, *[1]*(t.ndim-1))
 
     def lf(self, pred, *yb):
         "The original loss, with losses (integer targets) or targets (float targets) mixed by λ, and labels smoothed"
-        if not self.training: return self.old_lf(pred, *yb)
+        if self.learn is None or not self.training: return self.old_lf(pred, *yb)  # e.g. left in place by an error
         y,eps = yb[0],self.label_smoothing
         if y.is_floating_point():
+            if self.mixing: y = torch.lerp(self.yb1[0].to(y.dtype), y, self._lam(y))
             if eps: y = y*(1-eps) + eps/2
-            if self.mixing: y = torch.lerp(y[self.perm], y, self._lam(y))
             return self.old_lf(pred, y, *yb[1:])
         if not (self.mixing or eps): return self.old_lf(pred, *yb)
         with NoneReduce(self.old_lf) as lf:
             loss = lf(pred, *yb)
-            if self.mixing: loss = torch.lerp(lf(pred, y[self.perm], *yb[1:]), loss, self._lam(loss))
+            if self.mixing: loss = torch.lerp(lf(pred, *self.yb1), loss, self._lam(loss))
         if eps: loss = torch.lerp(loss, -F.log_softmax(pred.float(), -1).mean(-1), eps)
         return reduce_loss(loss, getattr(self.old_lf, 'reduction', 'mean'))
 
