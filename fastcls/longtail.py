@@ -110,7 +110,7 @@ def bbn_alpha(epoch:int, # 1-indexed epoch $T$
     f = schedule if callable(schedule) else alpha_schedules[schedule]
     return float(f((epoch - 1) / ifnone(div_epoch, n_epoch)))
 
-# %% ../nbs/11_longtail.ipynb #791cc3a0
+# %% ../nbs/11_longtail.ipynb #8412f102
 class CumulativeLearning(Callback):
     "BBN training: feed uniform and reversed batches to a `BBNModel` and mix their losses with $\\alpha$ (https://arxiv.org/abs/1912.02413)"
     def __init__(self, schedule='parabolic', # see `bbn_alpha`
@@ -119,8 +119,10 @@ class CumulativeLearning(Callback):
     def before_fit(self):
         if not isinstance(self.learn.model, BBNModel): raise ValueError("CumulativeLearning needs a BBNModel: build the learner with `bbn_learner`")
         self.rev,self.it = samplers['reversed'](self.dls, seed=self.seed).train,None
-        self.old_lf,self.alpha = self.learn.loss_func,1.
-    def before_epoch(self): self.alpha = self.learn.model.alpha = bbn_alpha(self.epoch + 1, self.n_epoch, self.schedule, self.div_epoch)
+        self.old_lf = self.learn.loss_func
+    @property
+    def alpha(self): return self.learn.model.alpha
+    def before_epoch(self): self.learn.model.alpha = bbn_alpha(self.epoch + 1, self.n_epoch, self.schedule, self.div_epoch)
     def before_train(self): self.learn.loss_func = self.lf
     def _reversed_batch(self, n):
         b = next(self.it, None) if self.it is not None else None

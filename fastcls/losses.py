@@ -52,7 +52,7 @@ class LongTailLoss(nn.Module):
     def decodes(self, x:Tensor) -> Tensor: return x.argmax(dim=-1)
     def _c(self, t:Tensor, like:Tensor) -> Tensor: return t.to(like.device, like.dtype)
 
-# %% ../nbs/03_losses.ipynb #f33aab2d
+# %% ../nbs/03_losses.ipynb #3ae12c65
 class SoftmaxFocalLoss(LongTailLoss):
     "Multi-class focal loss $\\alpha_y (1-p_y)^\\gamma \\cdot CE$ (https://arxiv.org/abs/1708.02002)"
     def __init__(self, gamma:float=2., # focusing parameter $\gamma$
@@ -68,7 +68,7 @@ class SoftmaxFocalLoss(LongTailLoss):
         return self.reduce(l)
 
 class SigmoidFocalLoss(LongTailLoss):
-    "`torchvision.ops.sigmoid_focal_loss` on one-hot targets of class indices (https://arxiv.org/abs/1708.02002)"
+    "`torchvision.ops.sigmoid_focal_loss` on one-hot targets; per-sample loss = mean over classes (https://arxiv.org/abs/1708.02002)"
     def __init__(self, gamma:float=2., alpha:float=0.25, reduction:str='mean'):
         super().__init__(reduction=reduction); self.gamma,self.alpha = gamma,alpha
     def forward(self, z:Tensor, y:Tensor) -> Tensor:
@@ -77,7 +77,7 @@ class SigmoidFocalLoss(LongTailLoss):
         ce = F.binary_cross_entropy_with_logits(z, t, reduction='none')
         l = ce * (1 - (p*t + (1-p)*(1-t))) ** self.gamma
         if self.alpha >= 0: l = (self.alpha*t + (1-self.alpha)*(1-t)) * l
-        return self.reduce(l)
+        return self.reduce(l.mean(-1))  # so 'mean' is torchvision's reduction='mean'
     def activation(self, x): return x.sigmoid()
 
 # %% ../nbs/03_losses.ipynb #f3c4eecf
@@ -129,12 +129,14 @@ class LDAMLoss(LongTailLoss):
         w = None if self.weight is None else self._c(torch.as_tensor(self.weight), z)
         return F.cross_entropy(self.s*zm, y, weight=w, reduction=self.reduction)
 
-# %% ../nbs/03_losses.ipynb #e8068169
+# %% ../nbs/03_losses.ipynb #9af6bfeb
 class NormedLinear(nn.Module):
     "Cosine classifier of the LDAM-DRW code: normalised features times normalised weight columns"
     def __init__(self, nf:int, n_out:int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(nf, n_out).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5))
+        self.weight = nn.Parameter(torch.empty(nf, n_out)); self.reset_parameters()
+    def reset_parameters(self):
+        with torch.no_grad(): self.weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
     def forward(self, x): return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
 
 @heads.register('normed_linear')
