@@ -5,9 +5,10 @@
     python benchmarks/bench_longtail.py --table /tmp/lt_elpv.jsonl /tmp/lt_d10.jsonl   # markdown table
 
 Every method trains `resnet18` from scratch (`pretrained=False`) with `fit_one_cycle(epochs, lr)` and the data's
-default augmentation (ELPV: fastai's `aug_transforms`). `crt`, `tau_norm*` and `posthoc_la` start from the
-plain-CE model of the same run (`ce` must run first): cRT adds `--crt-epochs` head-only epochs; τ-norm and
+default augmentation (ELPV: fastai's `aug_transforms`). `crt`, `lws`, `tau_norm*` and `posthoc_la` start from
+the plain-CE model of the same run (`ce` must run first): cRT and LWS add `--crt-epochs` head-only epochs at `--crt-lr` (class-balanced sampler); τ-norm and
 post-hoc LA add no training. `tau_norm_val` searches τ on the validation set it is scored on (optimistic).
+`X_sampler` is plain CE on a training set drawn by `samplers['X']`.
 BBN does two forward/backward passes per step (uniform + reversed batch). One line of JSON per method is
 appended to `--out` as soon as it finishes.
 """
@@ -17,11 +18,12 @@ from fastai.vision.all import set_seed, accuracy, CrossEntropyLossFlat
 from fastcls.data import elpv_dls, digits_dls
 from fastcls.learner import cls_learner
 from fastcls.losses import losses, class_counts
+from fastcls.samplers import samplers
 from fastcls.ltmetrics import class_recall, balanced_acc
 from fastcls.longtail import DRW, bbn_learner, CumulativeLearning
 
 ARCH = 'resnet18'
-ALL = 'ce,posthoc_la,tau_norm,tau_norm_val,crt,balanced_softmax,ldam_drw,bbn,logit_adjusted,cb,focal'
+ALL = 'ce,posthoc_la,tau_norm,tau_norm_val,crt,lws,balanced_softmax,ldam_drw,bbn,logit_adjusted,cb,focal,class_balanced_sampler,sqrt_sampler'
 
 def get_dls(data, size, bs):
     if data == 'elpv': return elpv_dls(size=size, bs=bs)
@@ -37,6 +39,9 @@ def train(dls, method, epochs, lr):
     elif method == 'ldam_drw':
         learn = cls_learner(dls, ARCH, head='normed_linear', loss_func=losses['ldam'](dls), **kw)
         cbs = [DRW()]
+    elif method.endswith('_sampler'):  # plain CE, training set drawn by a sampler of `fastcls.samplers`
+        learn = cls_learner(samplers[method[:-len('_sampler')]](dls, seed=42), ARCH, **kw)
+        cbs = []
     else:
         learn = cls_learner(dls, ARCH, loss_func=None if method == 'ce' else losses[method](dls), **kw)
         cbs = []
@@ -51,7 +56,8 @@ def from_ce(dls, method, ce_state, a):
         if method == 'posthoc_la': learn.posthoc_la(1.)
         elif method == 'tau_norm': learn.tau_norm(1., force=True)
         elif method == 'tau_norm_val': learn.tau_norm(None, force=True)
-        elif method == 'crt': learn.crt(a.crt_epochs, a.lr, force=True, seed=a.seed)
+        elif method == 'crt': learn.crt(a.crt_epochs, a.crt_lr, force=True, seed=a.seed)
+        elif method == 'lws': learn.lws(a.crt_epochs, a.crt_lr, force=True, seed=a.seed)
         else: raise ValueError(method)
     return learn
 
@@ -70,12 +76,12 @@ def run(a):
     for m in a.methods.split(','):
         set_seed(a.seed)
         t = time.time()
-        if m in ('posthoc_la', 'tau_norm', 'tau_norm_val', 'crt'):
+        if m in ('posthoc_la', 'tau_norm', 'tau_norm_val', 'crt', 'lws'):
             if ce_state is None: raise SystemExit(f"{m} needs 'ce' earlier in --methods")
             learn = from_ce(dls, m, ce_state, a)
         else: learn = train(dls, m, a.epochs, a.lr)
         if m == 'ce': ce_state = {k: v.clone() for k,v in learn.model.state_dict().items()}
-        res = dict(data=a.data, method=m, arch=ARCH, size=a.size, epochs=a.epochs, lr=a.lr, seed=a.seed,
+        res = dict(data=a.data, method=m, arch=ARCH, size=a.size, epochs=a.epochs, lr=a.lr, seed=a.seed, crt_epochs=a.crt_epochs, crt_lr=a.crt_lr,
                    vocab=list(map(str, dls.vocab)), train_counts=counts, **evaluate(learn, dls), seconds=round(time.time() - t))
         if m == 'tau_norm_val': res['tau'] = learn.model[1][1][-1].tau if hasattr(learn.model[1][1][-1], 'tau') else None
         print(json.dumps(res), flush=True)
@@ -100,7 +106,7 @@ if __name__ == '__main__':
     p.add_argument('--data', default='elpv'); p.add_argument('--methods', default=ALL)
     p.add_argument('--epochs', type=int, default=8); p.add_argument('--size', type=int, default=96)
     p.add_argument('--bs', type=int, default=64); p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--crt-epochs', type=int, default=2); p.add_argument('--seed', type=int, default=42)
+    p.add_argument('--crt-epochs', type=int, default=2); p.add_argument('--crt-lr', type=float, default=1e-2); p.add_argument('--seed', type=int, default=42)
     p.add_argument('--threads', type=int, default=2); p.add_argument('--out', default=None)
     p.add_argument('--table', nargs='+', default=None, help='print a markdown table from these JSON-lines files and exit')
     a = p.parse_args()

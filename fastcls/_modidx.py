@@ -178,6 +178,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'fastcls.samplers': { 'fastcls.samplers.ClassSamplerDL': ('samplers.html#classsamplerdl', 'fastcls/samplers.py'),
                                   'fastcls.samplers.ClassSamplerDL.__init__': ( 'samplers.html#classsamplerdl.__init__',
                                                                                 'fastcls/samplers.py'),
+                                  'fastcls.samplers.ClassSamplerDL.epoch_idxs': ( 'samplers.html#classsamplerdl.epoch_idxs',
+                                                                                  'fastcls/samplers.py'),
                                   'fastcls.samplers.ClassSamplerDL.get_idxs': ( 'samplers.html#classsamplerdl.get_idxs',
                                                                                 'fastcls/samplers.py'),
                                   'fastcls.samplers.ClassSamplerDL.new': ('samplers.html#classsamplerdl.new', 'fastcls/samplers.py'),

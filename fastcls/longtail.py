@@ -24,7 +24,7 @@ from .ltmetrics import balanced_acc
 __all__ = ['alpha_schedules', 'DRW', 'BilateralBlock', 'BBNModel', 'bbn_learner', 'bbn_alpha', 'CumulativeLearning',
            'TauNormLinear', 'LWSLinear']
 
-# %% ../nbs/11_longtail.ipynb #ac7f83a0
+# %% ../nbs/11_longtail.ipynb #42f5cd7c
 class DRW(Callback):
     "Deferred re-weighting: class-balanced loss weights from epoch `start` on (https://arxiv.org/abs/1906.07413)"
     def __init__(self, start:int|None=None, # first re-weighted epoch (0-based); default `int(0.8*n_epoch)` (160 of 200)
@@ -33,9 +33,9 @@ class DRW(Callback):
         if not hasattr(self.learn.loss_func, 'weight'):
             raise ValueError(f"DRW needs a loss with a `weight` attribute (LDAMLoss, nn.CrossEntropyLoss), got {type(self.learn.loss_func).__name__}")
         self.old = self.learn.loss_func.weight
-        self.w = cb_weights(check_counts(class_counts(self.dls), self.dls.vocab), self.beta).to(self.dls.device or 'cpu')
+        self.cb_w = cb_weights(check_counts(class_counts(self.dls), self.dls.vocab), self.beta).to(self.dls.device or 'cpu')
     def before_epoch(self):
-        self.learn.loss_func.weight = self.w if self.epoch >= ifnone(self.start, int(0.8*self.n_epoch)) else None
+        self.learn.loss_func.weight = self.cb_w if self.epoch >= ifnone(self.start, int(0.8*self.n_epoch)) else None
     def after_fit(self): self.learn.loss_func.weight = self.old
 
 # %% ../nbs/11_longtail.ipynb #1cf19b61
@@ -141,7 +141,7 @@ class CumulativeLearning(Callback):
         self.learn.loss_func,self.learn.model.alpha = self.old_lf,0.5
         self.rev = self.it = None  # nothing big left to pickle at export
 
-# %% ../nbs/11_longtail.ipynb #1d93ad75
+# %% ../nbs/11_longtail.ipynb #cb1a7a4d
 class TauNormLinear(nn.Module):
     "A trained `nn.Linear` with weights divided by their norm to the power `tau`, bias dropped"
     def __init__(self, lin:nn.Linear, tau:float=1.): super().__init__(); self.lin,self.tau = lin,tau
@@ -158,8 +158,9 @@ class LWSLinear(nn.Module):
 _wrappers = (TauNormLinear, LWSLinear)
 
 def _classifier(model) -> nn.Sequential:
-    try: return model[1]
-    except (TypeError, IndexError): raise ValueError("The decoupling verbs need a `cls_learner` model: nn.Sequential(body, nn.Sequential(pool, classifier))") from None
+    if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential) and len(model[1]) >= 2):
+        raise ValueError("The decoupling verbs need a `cls_learner` model: nn.Sequential(body, nn.Sequential(pool, classifier))")
+    return model[1]
 
 def _unwrap(model):
     "Put back the linear layer wrapped by an earlier `tau_norm`/`lws`"

@@ -142,11 +142,13 @@ def test_export_and_predict_in_fresh_process(dls, tmp_path):
         import torch
         from fastai.learner import load_learner
         learn = load_learner({str(fn)!r})
-        print(type(learn.model).__name__, learn.predict({str(dls.valid_ds.items.fname.iloc[0])!r})[0])
+        with learn.no_bar(): pred = learn.predict({str(dls.valid_ds.items.fname.iloc[0])!r})[0]
+        print(type(learn.model).__name__, pred)
     """)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[0] == 'BBNModel' and out.stdout.split()[1] in dls.vocab
+    last = out.stdout.strip().splitlines()[-1].split()
+    assert last[0] == 'BBNModel' and last[1] in dls.vocab
     learn2 = load_learner(fn)
     learn2.dls = dls
     with learn2.no_bar(): torch.testing.assert_close(learn2.get_preds(act=lambda x: x)[0], want)
