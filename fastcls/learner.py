@@ -19,7 +19,7 @@ import fastcls.pooling  # registers the 'gem', 'bilinear' and 'bap' pools
 # %% auto #0
 __all__ = ['module_opt_state', 'ClsLearner', 'cls_learner']
 
-# %% ../nbs/20_learner.ipynb #8902d586
+# %% ../nbs/20_learner.ipynb #7c3c8800
 def module_opt_state(model:nn.Module):
     "`(param, state)` for the own parameters of modules that declare `lr_mult` and/or `do_wd` attributes"
     for m in model.modules():
@@ -42,6 +42,7 @@ class ClsLearner(Learner):
             return warnings.warn("`lr_mult`/`do_wd` declared by modules are ignored with a PyTorch optimizer; use a fastai one")
         for p,s in st: self.opt.state[p].update(s)
         self.opt.cbs = self.opt.cbs.map(_lr_mult)
+        self.opt._keep_on_clear = [*self.opt._keep_on_clear, 'lr_mult']  # `freeze`/`unfreeze` clear the rest of the state
 
 # %% ../nbs/20_learner.ipynb #70316b1a
 _learner_args = set(inspect.signature(Learner.__init__).parameters) - {'self', 'dls', 'model'}

@@ -47,17 +47,18 @@ def sample_parts(A, # attention maps (B,M,h,w)
     w = torch.sqrt(A.detach().float().sum((2, 3)).cpu() + 1e-12)
     return torch.multinomial(w / w.sum(1, keepdim=True), n, replacement=True, generator=generator).to(A.device)
 
-# %% ../nbs/15_wsdan.ipynb #21a25765
+# %% ../nbs/15_wsdan.ipynb #2011f410
 def feature_center_loss(f, # L2-normalised part features (B, M*C)
                         y, # class indices (B,)
                         centers, # class centres (n_classes, M*C), updated in place
                         beta:float=5e-2): # centre update rate
     "WS-DAN's feature-centre loss against the normalised class centres; moves the centres towards `f`"
+    f,y = f.as_subclass(torch.Tensor),y.as_subclass(torch.Tensor)  # fastai's TensorImage/TensorCategory don't mix in index_add_
     c = F.normalize(centers[y], dim=-1)
     with torch.no_grad(): centers.index_add_(0, y, beta * (f.detach() - c))
     return (f - c).pow(2).sum() / len(f)
 
-# %% ../nbs/15_wsdan.ipynb #5fc5b2fa
+# %% ../nbs/15_wsdan.ipynb #eaf641fa
 def _theta_range(theta, name):
     lo,hi = (theta, theta) if isinstance(theta, (int, float)) else tuple(theta)
     if not 0 < lo <= hi < 1: raise ValueError(f"{name} must be a number or a (low, high) range inside (0, 1), got {theta!r}")
@@ -124,7 +125,7 @@ class WSDAN(Callback):
         pc,pd = self.model(torch.cat([crops, drops])).chunk(2)
         loss = (self.loss_grad + self.loss_func(pc, *self.yb) + self.loss_func(pd, *self.yb)) / 3
         if self.center_weight:
-            if self.centers is None: self.centers = f.new_zeros(self.pred.shape[-1], f.shape[1], dtype=torch.float32)
+            if self.centers is None: self.centers = torch.zeros(self.pred.shape[-1], f.shape[1], device=f.device)
             self.centers = self.centers.to(f.device)
             loss = loss + self.center_weight * feature_center_loss(f.float(), self.yb[0], self.centers, self.beta)
         self.learn.loss_grad = loss
