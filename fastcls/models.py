@@ -60,7 +60,7 @@ def linear_head(nf, n_out, ps=0.0):
     "timm's classifier: dropout then one linear layer (the head CAM is defined for)"
     return nn.Sequential(nn.Dropout(ps), nn.Linear(nf, n_out)) if ps else nn.Sequential(nn.Linear(nf, n_out))
 
-# %% ../nbs/02_models.ipynb #26c3f7e1
+# %% ../nbs/02_models.ipynb #3327ecc1
 def _feature_shape(body, n_in, size=64):
     was = body.training
     body.eval()
@@ -69,12 +69,12 @@ def _feature_shape(body, n_in, size=64):
     finally: body.train(was)
     return f.shape
 
-def create_cls_model(arch, n_out:int, attn=None, attn_where='all', pool:str='avg', head:str='fastai',
+def create_cls_model(arch, n_out:int, attn=None, attn_where='all', pool='avg', head:str='fastai',
                      pretrained:bool=True, n_in:int=3, init=nn.init.kaiming_normal_, model_kwargs:dict|None=None,
                      **head_kwargs) -> nn.Sequential:
     "`nn.Sequential(body, nn.Sequential(pool, classifier))` over timm's `arch`, with `attn` added after loading weights"
     if n_out is None or n_out < 1: raise ValueError(f"n_out must be a positive number of classes, got {n_out}")
-    pool_fn,head_fn = pools[pool],heads[head]
+    pool_fn,head_fn = (pool if callable(pool) else pools[pool]),heads[head]
     body = create_timm_body(arch, pretrained=pretrained, n_in=n_in, **ifnone(model_kwargs, {}))
     if attn is not None: add_attention(body.model, attn, attn_where)
     shape = _feature_shape(body, n_in)
