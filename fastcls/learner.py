@@ -12,6 +12,7 @@ from fastcore.basics import store_attr
 from fastcore.meta import delegates
 from .attention import attention_params
 from .models import create_cls_model, cls_splitter, heads
+from . import margin  # registers the margin heads (arcface, cosface, ...) in `heads`
 
 # %% auto #0
 __all__ = ['ClsLearner', 'cls_learner']
