@@ -143,9 +143,10 @@ class AdaCosHead(MarginHead):
             self.next_scale.copy_(torch.log(b_avg) / torch.cos(theta_med.clamp(max=math.pi/4)))
         return self.next_scale * cos
 
-# %% ../nbs/12_margin.ipynb #0058ff3c
+# %% ../nbs/12_margin.ipynb #f4641d2d
 class MarginCrossEntropy:
     "Softmax cross-entropy on `head`'s cosine logits with the head's margin applied to the target class"
+    y_int = True  # integer targets: fastai's MixUp/CutMix then mix the losses, not the labels
     def __init__(self, head:MarginHead, reduction:str='mean'):
         if not isinstance(head, MarginHead): raise TypeError(f"MarginCrossEntropy needs a MarginHead, got {type(head).__name__}")
         store_attr()
