@@ -11,7 +11,8 @@ from .models import heads
 
 # %% auto #0
 __all__ = ['margin_heads', 'CosineLinear', 'BNNeck', 'MarginHead', 'arcface_margin', 'cosface_margin', 'sphereface_psi',
-           'ArcFaceHead', 'CosFaceHead', 'SphereFaceHead', 'AdaCosHead', 'MarginCrossEntropy']
+           'ArcFaceHead', 'CosFaceHead', 'SphereFaceHead', 'AdaCosHead', 'MarginCrossEntropy', 'embedding_module',
+           'capture_embeddings']
 
 # %% ../nbs/12_margin.ipynb #272da6ac
 class CosineLinear(nn.Module):
@@ -143,12 +144,12 @@ class AdaCosHead(MarginHead):
             self.next_scale.copy_(torch.log(b_avg) / torch.cos(theta_med.clamp(max=math.pi/4)))
         return self.next_scale * cos
 
-# %% ../nbs/12_margin.ipynb #f4641d2d
+# %% ../nbs/12_margin.ipynb #f3161970
 class MarginCrossEntropy:
     "Softmax cross-entropy on `head`'s cosine logits with the head's margin applied to the target class"
     y_int = True  # integer targets: fastai's MixUp/CutMix then mix the losses, not the labels
     def __init__(self, head:MarginHead, reduction:str='mean'):
-        if not isinstance(head, MarginHead): raise TypeError(f"MarginCrossEntropy needs a MarginHead, got {type(head).__name__}")
+        if not hasattr(head, 'margin_logits'): raise TypeError(f"MarginCrossEntropy needs a MarginHead, got {type(head).__name__}")
         store_attr()
     def __call__(self, logits, targ):
         targ = targ.long().view(-1)
@@ -167,3 +168,28 @@ margin_heads = {'arcface': _margin_head(ArcFaceHead), 'cosface': _margin_head(Co
                 'sphereface': _margin_head(SphereFaceHead), 'subcenter_arcface': _margin_head(ArcFaceHead, k=3),
                 'adacos': _margin_head(AdaCosHead)}
 for _nm,_f in margin_heads.items(): heads.register(_nm, _f, loss_func=MarginCrossEntropy)
+
+# %% ../nbs/12_margin.ipynb #e6f00c0e
+class _Capture:
+    "Forward hook storing a module's output (or input); kept picklable by dropping the stored tensor"
+    def __init__(self, use_input:bool=False, detach:bool=False, keep:list|None=None): store_attr(); self.stored = None
+    def __call__(self, m, inp, out):
+        o = inp[0] if self.use_input else out
+        self.stored = o.detach() if self.detach else o
+        if self.keep is not None: self.keep.append(self.stored.float().cpu())
+    def __getstate__(self): return {**self.__dict__, 'stored': None, 'keep': None}
+
+def embedding_module(model:nn.Module, before_neck:bool=False):
+    "(module, use_input): the module whose output (or input, if `use_input`) is `model`'s embedding"
+    mods = list(model.modules())
+    for m in reversed(mods):
+        if hasattr(m, 'margin_logits'): return (m.embed, False) if before_neck else (m.neck, False)  # a MarginHead
+    for m in reversed(mods):
+        if isinstance(m, nn.Linear): return m, True
+    raise ValueError(f"No MarginHead or nn.Linear in {type(model).__name__}: pass the embedding `layer` explicitly")
+
+def capture_embeddings(model:nn.Module, layer:nn.Module|None=None, before_neck:bool=False, detach:bool=False, keep:list|None=None):
+    "Register a `_Capture` hook on `model`'s embedding (or on `layer`'s output), appending to `keep` if given; returns (capture, handle)"
+    mod,use_input = (layer, False) if layer is not None else embedding_module(model, before_neck)
+    cap = _Capture(use_input, detach, keep)
+    return cap, mod.register_forward_hook(cap)
