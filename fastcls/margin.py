@@ -11,8 +11,8 @@ from .models import heads
 
 # %% auto #0
 __all__ = ['margin_heads', 'CosineLinear', 'BNNeck', 'MarginHead', 'arcface_margin', 'cosface_margin', 'sphereface_psi',
-           'ArcFaceHead', 'CosFaceHead', 'SphereFaceHead', 'AdaCosHead', 'MarginCrossEntropy', 'embedding_module',
-           'capture_embeddings']
+           'ArcFaceHead', 'CosFaceHead', 'SphereFaceHead', 'AdaCosHead', 'MarginCrossEntropy', 'EmbeddingHead',
+           'embedding_module', 'capture_embeddings']
 
 # %% ../nbs/12_margin.ipynb #272da6ac
 class CosineLinear(nn.Module):
@@ -168,6 +168,16 @@ margin_heads = {'arcface': _margin_head(ArcFaceHead), 'cosface': _margin_head(Co
                 'sphereface': _margin_head(SphereFaceHead), 'subcenter_arcface': _margin_head(ArcFaceHead, k=3),
                 'adacos': _margin_head(AdaCosHead)}
 for _nm,_f in margin_heads.items(): heads.register(_nm, _f, loss_func=MarginCrossEntropy)
+
+# %% ../nbs/12_margin.ipynb #89c7e8b9
+class EmbeddingHead(MarginHead):
+    "FastReID-style head: linear to `embed_dim`, BNNeck, bias-free linear classifier (plain logits, no margin)"
+    def __init__(self, nf:int, n_out:int, embed_dim:int|None=512, neck:str|None='bnneck', ps:float=0.):
+        super().__init__(nf, n_out, embed_dim=embed_dim, neck=neck, ps=ps)
+        self.fc = nn.Linear(embed_dim or nf, n_out, bias=False)
+    def forward(self, x): return self.fc(self.features(x))
+
+heads.register('bnneck', EmbeddingHead)
 
 # %% ../nbs/12_margin.ipynb #e6f00c0e
 class _Capture:

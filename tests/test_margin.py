@@ -168,3 +168,15 @@ def test_bad_input(dls, kwargs, msg):
 
 def test_loss_needs_margin_head():
     with pytest.raises(TypeError, match='needs a MarginHead'): MarginCrossEntropy(torch.nn.Linear(3, 3))
+
+def test_bnneck_head_plain_ce(dls):
+    from fastai.losses import CrossEntropyLossFlat
+    from fastcls.margin import EmbeddingHead, embedding_module
+    learn = cls_learner(dls, 'resnet18', head='bnneck', embed_dim=24, pretrained=False)
+    h = learn.model[1][-1]
+    assert isinstance(h, EmbeddingHead) and isinstance(learn.loss_func, CrossEntropyLossFlat)
+    assert 'neck.bias' not in dict(h.named_parameters()) and h.fc.bias is None
+    assert embedding_module(learn.model) == (h.neck, False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    x = torch.randn(3, h.embed[-1].in_features); h.eval()
+    assert torch.allclose(h(x), h.fc(h.neck(h.embed(x))))
