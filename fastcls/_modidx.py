@@ -117,6 +117,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'fastcls/metric_losses.py'),
                                        'fastcls.metric_losses.CombinedLoss.decodes': ( 'metric_losses.html#combinedloss.decodes',
                                                                                        'fastcls/metric_losses.py'),
+                                       'fastcls.metric_losses.CombinedLoss.reduction': ( 'metric_losses.html#combinedloss.reduction',
+                                                                                         'fastcls/metric_losses.py'),
                                        'fastcls.metric_losses.Learner.add_metric_loss': ( 'metric_losses.html#learner.add_metric_loss',
                                                                                           'fastcls/metric_losses.py'),
                                        'fastcls.metric_losses.PMLLoss': ('metric_losses.html#pmlloss', 'fastcls/metric_losses.py'),

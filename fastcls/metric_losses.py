@@ -105,7 +105,7 @@ class PMLLoss:
         return self.loss(emb, targ, self.miner(emb, targ)) if self.miner is not None else self.loss(emb, targ)
     def __repr__(self): return f"PMLLoss({type(self.loss).__name__}, miner={type(self.miner).__name__ if self.miner is not None else None})"
 
-# %% ../nbs/13_metric_losses.ipynb #cf3ea5ed
+# %% ../nbs/13_metric_losses.ipynb #a4f99603
 class CombinedLoss:
     "fastai loss_func: `base_weight`·`base`(logits, y) + Σ weight·term(embedding, y), the embedding hooked from `model`"
     y_int = True
@@ -123,6 +123,10 @@ class CombinedLoss:
         if emb is None: raise RuntimeError("CombinedLoss: no embedding captured; was the model it hooks run on this batch?")
         for t,w in self.terms: loss = loss + w * t(emb.float(), targ)
         return loss
+    @property
+    def reduction(self): return getattr(self.base, 'reduction', 'mean')
+    @reduction.setter
+    def reduction(self, v): self.base.reduction = v  # fastai's MixUp/CutMix ask for per-sample base losses
     def activation(self, x): return getattr(self.base, 'activation', lambda x: F.softmax(x, dim=-1))(x)
     def decodes(self, x): return getattr(self.base, 'decodes', lambda x: x.argmax(dim=-1))(x)
     def __repr__(self): return f"CombinedLoss({self.base_weight}·{self.base!r} + " + ' + '.join(f'{w}·{t!r}' for t,w in self.terms) + ')'

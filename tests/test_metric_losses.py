@@ -128,3 +128,20 @@ def test_combined_loss_plain_head_uses_last_linear_input(dls):
 def test_combined_loss_bad_terms(dls):
     learn = cls_learner(dls, 'resnet18', pretrained=False)
     with pytest.raises(ValueError, match=r'\(loss, weight\) pairs'): CombinedLoss(learn.model, terms=[TripletLoss()])
+
+def test_combined_loss_with_mixup(dls):
+    from fastai.callback.mixup import MixUp
+    from fastai.layers import NoneReduce
+    torch.manual_seed(0)
+    pk = pk_dls(dls, p=2, k=4, seed=0)
+    learn = cls_learner(pk, 'resnet18', head='arcface', embed_dim=16, pretrained=False, cbs=MixUp())
+    learn.add_metric_loss(TripletLoss(0.3), 0.5)
+    xb, yb = [t.as_subclass(torch.Tensor) for t in pk.one_batch()]
+    learn.model.eval()
+    with torch.no_grad():
+        out = learn.model(xb)
+        with NoneReduce(learn.loss_func) as lf: per = lf(out, yb)  # what MixUp does
+        assert per.shape == (len(yb),) and learn.loss_func.reduction == 'mean'
+        assert torch.allclose(per.mean(), learn.loss_func(out, yb), atol=1e-5)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert all(torch.isfinite(torch.tensor(learn.recorder.losses)))
