@@ -15,6 +15,8 @@ from fastcore.meta import delegates
 from .attention import attention_params
 from .models import create_cls_model, cls_splitter, heads
 import fastcls.pooling  # registers the 'gem', 'bilinear' and 'bap' pools
+from . import margin  # registers the margin heads (arcface, cosface, ...) in `heads`
+import fastcls.losses  # registers the 'normed_linear' head used with LDAM
 
 # %% auto #0
 __all__ = ['module_opt_state', 'ClsLearner', 'cls_learner']
