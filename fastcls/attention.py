@@ -20,8 +20,8 @@ from timm.models._efficientnet_blocks import InvertedResidual, DepthwiseSeparabl
 from .core import Registry
 
 # %% auto #0
-__all__ = ['attentions', 'supported_families', 'AttnBlend', 'add_attention', 'attention_modules', 'attention_params',
-           'attention_summary']
+__all__ = ['attentions', 'supported_families', 'GateBlend', 'AttnBlend', 'blend_params', 'add_attention', 'attention_modules',
+           'attention_params', 'attention_summary']
 
 # %% ../nbs/01_attention.ipynb #7bfa5769
 attentions = Registry('attention')
@@ -37,17 +37,50 @@ attentions.register('lcbam', lambda c: LightCbamModule(c, mlp_bias=True))
 attentions.register('coord', lambda c: CoordAttn(c, rd_channels=max(8, c//32), bias=True), aliases=('ca',))
 attentions.register('nl',    lambda c: NonLocalAttn(c, rd_channels=max(1, c//2)), between=True)
 
-# %% ../nbs/01_attention.ipynb #44e1e73d
+# %% ../nbs/01_attention.ipynb #4a57acd1
+class GateBlend(nn.Module):
+    "Gate `g` turned into `1 + gamma·(g − 1)`: no gating at `gamma=0`, the original gate at `gamma=1`"
+    def __init__(self, gate:nn.Module):
+        super().__init__()
+        self.gate,self.gamma = gate,nn.Parameter(torch.zeros(()))
+    def forward(self, z):
+        g = self.gate(z)
+        return (g - 1).mul(self.gamma.to(g.dtype)).add(1)
+
+def _blend_gates(attn:nn.Module, channels:int) -> bool:
+    "Wrap the `gate` layers of `attn` in `GateBlend`; keep it only if `attn` is then exactly the identity"
+    gates = [(n, m) for n,m in attn.named_modules() if n.split('.')[-1] == 'gate']
+    if not gates: return False
+    for n,g in gates: attn.set_submodule(n, GateBlend(g))
+    was = attn.training
+    x = torch.randn(2, channels, 8, 8)
+    try:
+        with torch.no_grad(): ok = torch.equal(attn.eval()(x), x)
+    except Exception: ok = False
+    attn.train(was)
+    if not ok:
+        for n,g in gates: attn.set_submodule(n, g)
+    return ok
+
+# %% ../nbs/01_attention.ipynb #d60ceea7
 class AttnBlend(nn.Module):
-    "`attn` mixed into its input by a learnable `gamma` starting at 0, so inserting it leaves the output unchanged"
-    def __init__(self, attn:nn.Module, blend:bool=True):
+    "Attention `attn` inserted so that the output is unchanged until its learnable `gamma` moves from 0"
+    def __init__(self, attn:nn.Module,
+                 channels:int|None=None, # channels `attn` sees; lets gating modules be blended inside their gates
+                 blend:bool=True): # False for modules that are an identity at initialisation (non-local)
         super().__init__()
         self.attn = attn
-        self.gamma = nn.Parameter(torch.zeros(())) if blend else None
+        in_gates = blend and channels is not None and _blend_gates(attn, channels)
+        self.gamma = nn.Parameter(torch.zeros(())) if blend and not in_gates else None
 
     def forward(self, x):
         a = self.attn(x)
         return a if self.gamma is None else torch.lerp(x, a.to(x.dtype), self.gamma.to(x.dtype))
+
+# %% ../nbs/01_attention.ipynb #a19bcf17
+def blend_params(model:nn.Module):
+    "The `gamma` parameters that blend inserted attention in"
+    return [m.gamma for m in model.modules() if isinstance(m, (AttnBlend, GateBlend)) and m.gamma is not None]
 
 # %% ../nbs/01_attention.ipynb #bb1215a4
 def _out(m): return getattr(m, 'out_features', None) or m.out_channels
@@ -92,7 +125,7 @@ def _pick(blocks, where, between, n_stages):
     if not sel: raise ValueError(f"attn_where={where!r} selects no residual block (stages with blocks: {sorted({b[2] for b in blocks})})")
     return sel
 
-# %% ../nbs/01_attention.ipynb #12fe68fe
+# %% ../nbs/01_attention.ipynb #d5621b14
 def _get_parent(model, name):
     *path, last = name.split('.')
     return model.get_submodule('.'.join(path)) if path else model, last
@@ -127,7 +160,8 @@ def add_attention(model:nn.Module, # a timm CNN, pretrained weights already load
             setattr(parent, last, nn.Sequential(blk, AttnBlend(_make(factory, _sites[type(blk)][3](blk), attn), blend=False)))
         else:
             attr,mode,chans,_ = _sites[type(blk)]
-            new = AttnBlend(_make(factory, chans(blk), attn))
+            c = chans(blk)
+            new = AttnBlend(_make(factory, c, attn), channels=c)
             old = getattr(blk, attr)
             if mode == 'before': new = nn.Sequential(new, old)
             elif old is not None and not isinstance(old, nn.Identity): new = nn.Sequential(old, new)

@@ -13,7 +13,7 @@ from .data import data_home, _write_atomic_dir
 # %% auto #0
 __all__ = ['synth_df', 'synth_dls', 'pretrained_like']
 
-# %% ../nbs/97_test_utils.ipynb #67b3e9ff
+# %% ../nbs/97_test_utils.ipynb #5762b168
 def _corner(k, size, box):
     r,c = divmod(k % 4, 2)
     return (r*(size-box), c*(size-box))
@@ -34,7 +34,7 @@ def synth_df(n:int=64, size:int=32, n_classes:int=2, seed:int=0, valid_pct:float
     if not dest.exists(): _write_atomic_dir(dest, lambda d: _write_synth(d, n, size, n_classes, seed))
     fns = sorted(dest.glob('*.png'))
     df = pd.DataFrame({'fname': [str(f) for f in fns], 'label': [f'c{f.stem.split("_")[1]}' for f in fns]})
-    df['is_valid'] = np.arange(len(df)) % int(round(1/valid_pct)) == 0
+    df['is_valid'] = (np.arange(len(df)) // n_classes) % int(round(1/valid_pct)) == 0  # every class in both splits
     box = size//3
     df['top'],df['left'] = zip(*[_corner(int(l[1:]), size, box) for l in df.label])
     df['box'] = box

@@ -1,6 +1,6 @@
 "Identity-preserving insertion of every registered attention into every supported backbone family."
 import pytest, timm, torch
-from fastcls.attention import attentions, add_attention, attention_modules, attention_params, attention_summary
+from fastcls.attention import attentions, add_attention, attention_modules, attention_params, attention_summary, blend_params, GateBlend
 from fastcls.test_utils import pretrained_like
 
 archs = ['resnet18', 'resnet50', 'convnext_atto', 'regnety_002', 'mobilenetv2_035', 'efficientnet_b0']
@@ -21,6 +21,7 @@ def test_insertion_keeps_outputs(arch, name, x):
     assert mods, 'nothing inserted'
     with torch.no_grad(): after = m(x)
     assert (after - before).abs().max() < 1e-5
+    assert blend_params(m) or name == 'nl'
     added = sum(p.numel() for p in attention_params(m))
     assert added > 0 and sum(p.numel() for p in m.parameters()) == n_params + added
     assert str(len(mods)) in attention_summary(m)
@@ -36,11 +37,12 @@ def test_attention_is_on_residual_branch_before_addition(x):
     add_attention(m, 'se', where='last')
     blk = m.layer4[0]
     assert blk.se.attn.fc1.in_channels == 2048 and blk.se.attn.fc1.out_channels == 2048 // 16
-    with torch.no_grad(): blk.se.gamma.fill_(1.)
+    assert isinstance(blk.se.attn.gate, GateBlend)  # SE blended inside its sigmoid gate
+    with torch.no_grad(): blk.se.attn.gate.gamma.fill_(1.)
     seen = {}
     blk.register_forward_hook(lambda mod, i, o: seen.update(inp=i[0], out=o))
-    blk.bn3.register_forward_hook(lambda mod, i, o: seen.update(bn3=o))
-    blk.se.attn.register_forward_hook(lambda mod, i, o: seen.update(se_in=i[0], se_out=o))
+    blk.bn3.register_forward_hook(lambda mod, i, o: seen.update(bn3=o.clone()))
+    blk.se.attn.register_forward_hook(lambda mod, i, o: seen.update(se_in=i[0].clone(), se_out=o.clone()))  # the block adds the shortcut in place
     with torch.no_grad():
         m(x)
         assert torch.equal(seen['bn3'], seen['se_in'])
@@ -59,7 +61,7 @@ def test_moved_gamma_changes_output(arch, x):
     with torch.no_grad(): before = m(x)
     add_attention(m, 'cbam')
     with torch.no_grad():
-        for a in attention_modules(m).values(): a.gamma.fill_(1.)
+        for g in blend_params(m): g.fill_(1.)
         assert (m(x) - before).abs().max() > 1e-3
 
 @pytest.mark.parametrize('arch,attn,where,msg', [
