@@ -185,7 +185,7 @@ def sampled_dls(name:str, dls, epochs:int|None=None, seed:int|None=None):
     kw = {k:v for k,v in dict(n_epoch=epochs, seed=seed).items() if k in ps and v is not None}
     return f(dls, **kw)
 
-# %% ../nbs/40_cli.ipynb #1bea478d
+# %% ../nbs/40_cli.ipynb #edf66225
 train_defaults = dict(arch='resnet18', attn=None, pool='avg', head='fastai', loss='ce', mix='none', sampler='none',
                       epochs=8, lr=2e-3, size=96, bs=64, pretrained=False, seed=42)
 
@@ -201,7 +201,7 @@ def run_config(recipe:str|None=None, **opts) -> dict:
     "`train_defaults`, updated by `recipe`'s options, then by the `opts` that are not `None`"
     unknown = set(opts) - set(train_defaults)
     if unknown: raise UsageError(f"unknown options {sorted(unknown)}; valid: {', '.join(train_defaults)}")
-    cfg = dict(train_defaults, **(recipes[recipe] if recipe else {}), **{k:v for k,v in opts.items() if v is not None})
+    cfg = {**train_defaults, **(recipes[recipe] if recipe else {}), **{k:v for k,v in opts.items() if v is not None}}
     if isinstance(cfg['attn'], str) and cfg['attn'].lower() == 'none': cfg['attn'] = None
     return dict(cfg, recipe=recipe)
 

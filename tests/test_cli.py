@@ -135,3 +135,9 @@ def test_experiments_bad_input(folder, tmp_path, capsys):
     (tmp_path/'g.yaml').write_text('grid: [unclosed\n')
     rc,err = _err(capsys, 'experiments', '--config', tmp_path/'g.yaml', '--data', folder, '--out', tmp_path)
     assert rc == 2 and 'cannot parse' in err
+
+def test_recipe_and_overrides():
+    assert run_config('se-mixup', attn='eca', epochs=2) | {} == run_config(attn='eca', mix='mixup', epochs=2) | {'recipe': 'se-mixup'}
+    assert run_config('se')['attn'] == 'se' and run_config(attn='none')['attn'] is None
+    check_config(run_config('se-mixup'))
+    with pytest.raises(UsageError, match='unknown options'): run_config(atn='se')
