@@ -85,12 +85,12 @@ def write_tables(results:list, out, title:str='') -> pd.DataFrame:
     (Path(out)/'results.md').write_text((f'{title}\n\n' if title else '') + _markdown(df) + note)
     return df
 
-# %% ../nbs/42_experiments.ipynb #6ff0afad
+# %% ../nbs/42_experiments.ipynb #34b6b720
 def experiments(grid:str=None, # runs as key=v1,v2;key=... (keys: fastcls train options and recipe), e.g. "attn=none,se;mix=none,mixup"
                 config:str=None, # a YAML file with data:, options: and grid: or runs: (instead of --grid)
                 data:str=None, # dataset name, folder or CSV, as for fastcls train [elpv]
                 arch:str=None, # common option of every run (a grid value overrides it) [resnet18]
-                epochs:int=None, # common option [8]
+                epochs:int=None, # common option [5]
                 lr:float=None, # common option [2e-3]
                 size:int=None, # common option [96]
                 bs:int=None, # common option [64]
