@@ -1,0 +1,143 @@
+"fastcls train / predict / experiments as a user runs them: subprocesses on tiny image folders, bad input."
+import json, os, shutil, subprocess, sys, importlib.util
+from pathlib import Path
+import pandas as pd, pytest, torch
+from safetensors.torch import load_file
+from fastcls.cli import main, data_df, class_weights, loss_from_name, make_dls, run_config, check_config, UsageError
+from fastcls.test_utils import synth_df
+
+TINY = ['--arch', 'resnet18', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet']
+
+def fastcls(*args, cwd=None):
+    "Run the `fastcls` console entry point in a fresh process"
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    return subprocess.run([sys.executable, '-c', 'import sys; from fastcls.cli import main; sys.exit(main())', *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    "An ImageNet-style folder with 3 classes of 8 planted-square images each"
+    root = tmp_path_factory.mktemp('imgs')
+    src = synth_df(n=24, size=32, n_classes=3)
+    for f,l in zip(src.fname, src.label): (root/l).mkdir(exist_ok=True); shutil.copy(f, root/l)
+    return root
+
+@pytest.fixture(scope='module')
+def trained(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')/'out'
+    r = fastcls('train', '--data', folder, '--out', out, *TINY)
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+def test_train_writes_report(trained):
+    out,r = trained
+    assert 'balanced accuracy' in r.stdout and str(out) in r.stdout
+    for f in ('metrics.json', 'export.pkl', 'model.safetensors', 'config.json', 'confusion_matrix.png',
+              'per_class_recall.png', 'training_curve.png'):
+        assert (out/f).stat().st_size > 0, f
+    m = json.loads((out/'metrics.json').read_text())
+    assert set(m['per_class_recall']) == {'c0', 'c1', 'c2'}
+    assert 0 <= m['balanced_accuracy'] <= 1 and 0 <= m['accuracy'] <= 1
+    assert m['config']['arch'] == 'resnet18' and m['config']['size'] == 32 and m['config']['n_train'] + m['config']['n_valid'] == 24
+    assert {'fastcls', 'fastai', 'timm', 'torch'} <= set(m['versions']) and m['wall_seconds'] > 0
+    assert len(m['history']) == 1 and sum(sum(r) for r in m['confusion_matrix']) == m['config']['n_valid']
+    assert (out/'gradcam.png').exists() == (importlib.util.find_spec('fastcls.interpret') is not None)
+    sd = load_file(str(out/'model.safetensors'))
+    assert any(k.endswith('conv1.weight') for k in sd) and all(isinstance(v, torch.Tensor) for v in sd.values())
+
+def test_predict(trained, folder):
+    out,_ = trained
+    imgs = sorted(folder.glob('c1/*.png'))[:2]
+    r = fastcls('predict', '--model', out, *imgs, '--json')
+    assert r.returncode == 0, r.stderr
+    res = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    assert [Path(o['image']) for o in res] == imgs
+    assert all(o['label'] in ('c0', 'c1', 'c2') and 0 < o['prob'] <= 1 for o in res)
+    r = fastcls('predict', '--model', out, imgs[0])
+    assert r.returncode == 0 and r.stdout.split('\t')[0] == str(imgs[0])
+
+def test_experiments_grid(folder, tmp_path):
+    r = fastcls('experiments', '--grid', 'attn=none,se', '--data', folder, '--out', tmp_path, '--epochs', '1',
+                '--size', '32', '--bs', '8', '--quiet')
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(tmp_path/'results.csv')
+    assert list(df.columns[:6]) == ['Backbone', 'Attn', 'Loss', 'Aug', 'Top-1', 'Balanced acc']
+    assert df.Attn.tolist() == ['none', 'se'] and df['Top-1'].between(0, 100).all()
+    md = (tmp_path/'results.md').read_text()
+    assert '| Backbone | Attn | Loss | Aug | Top-1 | Balanced acc |' in md and md.count('| resnet18 |') == 2
+
+def test_csv_data(folder, tmp_path):
+    df,_ = data_df(str(folder), valid_pct=0.25)
+    csv = tmp_path/'labels.csv'
+    pd.DataFrame({'path': df.fname, 'label': df.label, 'is_valid': df.is_valid}).to_csv(csv, index=False)
+    dfc,_ = data_df(str(csv))
+    assert dfc.fname.tolist() == df.fname.tolist() and dfc.is_valid.tolist() == df.is_valid.tolist()
+
+def test_weighted_ce(folder, tmp_path):
+    root = tmp_path/'lt'
+    shutil.copytree(folder, root)
+    for f in sorted((root/'c2').glob('*.png'))[2:]: f.unlink()  # 8, 8, 2 images
+    df,_ = data_df(str(root), valid_pct=0.25)
+    dls = make_dls(df, size=32, bs=4)
+    n = torch.tensor([(~df.is_valid & (df.label == c)).sum() for c in dls.vocab]).float()
+    torch.testing.assert_close(class_weights(dls), (n.max()/n).sqrt())
+    torch.testing.assert_close(loss_from_name('wce', dls).func.weight, (n.max()/n).sqrt())
+    assert loss_from_name('ce', dls) is None
+
+def _err(capsys, *argv):
+    "Exit status and stderr of `main(argv)` in this process"
+    rc = main(list(map(str, argv)))
+    return rc, capsys.readouterr().err
+
+def test_bad_data(folder, tmp_path, capsys):
+    rc,err = _err(capsys, 'train', '--data', tmp_path/'nope', *TINY)
+    assert rc == 2 and 'does not exist' in err
+    empty = tmp_path/'empty'; shutil.copytree(folder, empty); (empty/'c3').mkdir()
+    rc,err = _err(capsys, 'train', '--data', empty, *TINY)
+    assert rc == 2 and 'c3 has no images' in err
+    (empty/'c3').rmdir(); (empty/'c0'/'broken.png').write_bytes(b'\x89PNG not really')
+    rc,err = _err(capsys, 'train', '--data', empty, *TINY)
+    assert rc == 2 and 'broken.png' in err and '--skip-bad' in err
+    with pytest.warns(UserWarning, match='broken.png'): df,_ = data_df(str(empty), skip_bad=True)
+    assert len(df) == 24 and not df.fname.str.endswith('broken.png').any()
+
+@pytest.mark.parametrize('opt,val,msg', [('--arch', 'resnet1800', 'resnet18'), ('--attn', 'sex', "'se'"), ('--pool', 'mean', 'avg'),
+                                         ('--head', 'svm', 'fastai'), ('--mix', 'fmix', 'mixup'), ('--recipe', 'nope', 'baseline'),
+                                         ('--epochs', '0', '--epochs must be'), ('--lr', '-1', '--lr must be')])
+def test_bad_options(folder, capsys, opt, val, msg):
+    rc,err = _err(capsys, 'train', '--data', folder, *TINY, opt, val)
+    assert rc == 2 and msg in err, err
+
+@pytest.mark.parametrize('opt,name,module', [('--loss', 'focal_nope', 'fastcls.losses'), ('--sampler', 'balanced_nope', 'fastcls.samplers')])
+def test_registry_options(folder, capsys, opt, name, module):
+    "Names from modules that may not be installed: an unknown name lists the valid ones, a missing module is named"
+    rc,err = _err(capsys, 'train', '--data', folder, *TINY, opt, name)
+    assert rc == 2
+    if importlib.util.find_spec(module) is None: assert f'needs {module}' in err, err
+    else: assert 'Valid choices' in err, err
+
+def test_unwritable_out(folder, tmp_path, capsys):
+    (tmp_path/'file').write_text('')
+    rc,err = _err(capsys, 'train', '--data', folder, *TINY, '--out', tmp_path/'file'/'run')
+    assert rc == 2 and 'not a writable folder' in err
+
+def test_no_traceback_in_subprocess(folder, tmp_path):
+    r = fastcls('train', '--data', folder, *TINY, '--attn', 'nope')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and 'Unknown attention' in r.stderr
+    r = fastcls('predict', '--model', tmp_path, str(folder/'c0'/'x.png'))
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and 'export.pkl' in r.stderr
+    r = fastcls('nope')
+    assert r.returncode == 2 and 'usage: fastcls' in r.stderr
+
+def test_experiments_bad_input(folder, tmp_path, capsys):
+    rc,err = _err(capsys, 'experiments', '--grid', 'atn=se', '--data', folder, '--out', tmp_path)
+    assert rc == 2 and 'unknown grid key' in err
+    (tmp_path/'g.yaml').write_text('grid: [unclosed\n')
+    rc,err = _err(capsys, 'experiments', '--config', tmp_path/'g.yaml', '--data', folder, '--out', tmp_path)
+    assert rc == 2 and 'cannot parse' in err
+
+def test_recipe_and_overrides():
+    assert run_config('se-mixup', attn='eca', epochs=2) | {} == run_config(attn='eca', mix='mixup', epochs=2) | {'recipe': 'se-mixup'}
+    assert run_config('se')['attn'] == 'se' and run_config(attn='none')['attn'] is None
+    check_config(run_config('se-mixup'))
+    with pytest.raises(UsageError, match='unknown options'): run_config(atn='se')
