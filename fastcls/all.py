@@ -3,11 +3,27 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #2958d78a
+# %% ../nbs/99_all.ipynb #a12d34ae
 from .core import *
 from .attention import *
 from .models import *
 from .data import *
 from .learner import *
-from . import core, attention, models, data, learner
-__all__ = [n for m in (core, attention, models, data, learner) for n in m.__all__]
+from .augment import *
+from .mixup import *
+from .losses import *
+from .samplers import *
+from .ltmetrics import *
+from .longtail import *
+from .margin import *
+from .metric_losses import *
+from .retrieval import *
+from .pooling import *
+from .wsdan import *
+from .interpret import *
+from .distributed import *
+from .checkpoint import *
+from .weights import *
+from .datacheck import *
+import fastcls as _pkg  # modules by attribute: `losses` and `samplers` are also registry names
+__all__ = [n for m in ('core', 'attention', 'models', 'data', 'learner', 'augment', 'mixup', 'losses', 'samplers', 'ltmetrics', 'longtail', 'margin', 'metric_losses', 'retrieval', 'pooling', 'wsdan', 'interpret', 'distributed', 'checkpoint', 'weights', 'datacheck') for n in getattr(_pkg, m).__all__]

@@ -63,7 +63,7 @@ class TripletLoss:
     def __call__(self, emb, targ): return batch_hard_triplet(emb, targ, self.margin, self.normalize)
     def __repr__(self): return f"TripletLoss(margin={self.margin!r}, normalize={self.normalize})"
 
-# %% ../nbs/13_metric_losses.ipynb #8a1a8ef3
+# %% ../nbs/13_metric_losses.ipynb #fc5c431e
 def _train_labels(ds):
     "Integer class of every item of a fastai `Datasets`, read without loading the inputs"
     tl = ds.tls[-1] if hasattr(ds, 'tls') else None
@@ -90,6 +90,9 @@ def pk_dls(dls, p:int=8, k:int=4, seed:int|None=None):
     train.get_idxs = lambda: _pk_idxs(labels, p, k, n_batches, rng)
     train.n = n_batches * p * k
     return type(dls)(train, *dls.loaders[1:], path=dls.path, device=dls.device)
+
+from .samplers import samplers
+samplers.register('pk', pk_dls, aliases=('pxk',))  # `samplers['pk'](dls, p=8, k=4)`, and `fastcls train --sampler pk`
 
 # %% ../nbs/13_metric_losses.ipynb #9e8ad482
 class PMLLoss:

@@ -29,3 +29,11 @@ def test_settings_ini_is_the_metadata_source():
     assert any(r.startswith('torch') for r in reqs) and any(r.startswith('timm') for r in reqs)
     from importlib.metadata import version
     assert version('fastcls') == d['version']
+
+def test_all_exports_registries_not_same_named_modules():
+    "`losses` and `samplers` are registries in `fastcls.all`, not the modules of the same name"
+    ns = {}
+    exec('from fastcls.all import *', ns)
+    from fastcls.core import Registry
+    assert isinstance(ns['losses'], Registry) and isinstance(ns['samplers'], Registry)
+    assert 'pk' in ns['samplers'].names and 'arcface' in ns['heads'].names and 'gem' in ns['pools'].names
