@@ -48,11 +48,14 @@ class TupleHead(nn.Module):
     def __init__(self, nf, n_out): super().__init__(); self.fc = nn.Linear(nf, n_out)
     def forward(self, f): return self.fc(f), f
 
-pools.register('test_bilinear', lambda nf: BilinearPool())
-pools.register('test_bbn', BBNPool)
-heads.register('test_cosine', CosineHead)
-heads.register('test_bbn', BBNHead)
-heads.register('test_tuple', TupleHead)
+@pytest.fixture(scope='module', autouse=True)
+def stand_in_heads():
+    "Register the stand-ins for this module only, so other tests see the real registries"
+    added = [(pools, 'test_bilinear', lambda nf: BilinearPool()), (pools, 'test_bbn', BBNPool),
+             (heads, 'test_cosine', CosineHead), (heads, 'test_bbn', BBNHead), (heads, 'test_tuple', TupleHead)]
+    for reg,name,f in added: reg.register(name, f)
+    yield
+    for reg,name,_ in added: reg._items.pop(name)
 
 @pytest.fixture(scope='module')
 def dls(): return synth_dls(n=32, size=64, n_classes=3)
@@ -63,7 +66,8 @@ def x():
     return torch.randn(4, 3, 96, 96)
 
 @pytest.mark.parametrize('pool,head', [('test_bilinear', 'linear'), ('avg', 'test_cosine'), ('test_bbn', 'test_bbn'),
-                                       ('test_bilinear', 'test_cosine'), ('avg', 'fastai')])
+                                       ('test_bilinear', 'test_cosine'), ('avg', 'fastai'),
+                                       ('bilinear', 'arcface'), ('gem', 'cosface'), ('bap', 'linear')])
 @pytest.mark.parametrize('method', ['gradcam', 'layercam'])
 def test_other_heads_match_pgc(dls, x, pool, head, method):
     "Target layer = the body's last stage; maps = pytorch-grad-cam's on the same layer and targets (corr >= 0.999)"

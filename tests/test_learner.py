@@ -71,7 +71,7 @@ def test_export_round_trip_in_fresh_process(dls, tmp_path):
 @pytest.mark.parametrize('kwargs,msg', [
     (dict(arch='resnet18', attn='squeeze_excite'), 'Valid choices'),
     (dict(arch='resnet18', pool='gap'), 'Valid choices: avg'),
-    (dict(arch='resnet18', head='mlp'), 'Valid choices: fastai, linear'),
+    (dict(arch='resnet18', head='mlp'), r"Unknown head 'mlp'\. Valid choices: .*fastai, linear"),
     (dict(arch='resnet_18'), 'Closest timm names: resnet18'),
     (dict(arch='test_vit', attn='se'), 'Supported families'),
     (dict(arch='test_vit'), 'not a spatial map'),
