@@ -50,7 +50,7 @@ def test_n_out_from_dls(dls):
     learn = cls_learner(dls, 'resnet18', pretrained=False)
     assert learn.model(torch.randn(2, 3, 32, 32)).shape == (2, dls.c)
 
-def test_export_round_trip_in_fresh_process(dls, tmp_path):
+def test_export_round_trip_in_fresh_process(dls, tmp_path, predict_in_fresh_process):
     torch.manual_seed(0)
     learn = cls_learner(dls, 'resnet18', attn='cbam', pretrained=False)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
@@ -58,14 +58,7 @@ def test_export_round_trip_in_fresh_process(dls, tmp_path):
     learn.export(fn)
     files = list(synth_df(n=64, size=32, n_classes=2).fname[:4])
     with learn.no_bar(): here = [learn.predict(PILImage.create(f))[2].tolist() for f in files]
-    code = textwrap.dedent(f"""
-        import json
-        from fastai.vision.all import load_learner, PILImage
-        learn = load_learner({str(fn)!r})
-        with learn.no_bar(): print(json.dumps([learn.predict(PILImage.create(f))[2].tolist() for f in {files!r}]))
-    """)
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
-    there = json.loads(out.strip().splitlines()[-1])
+    there = predict_in_fresh_process(fn, files)
     assert torch.allclose(torch.tensor(here), torch.tensor(there), atol=1e-6)
 
 @pytest.mark.parametrize('kwargs,msg', [

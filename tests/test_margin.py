@@ -133,7 +133,7 @@ def test_adacos_scale_adapts(dls):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert float(learn.model[1][-1].next_scale) != s0
 
-def test_export_round_trip_in_fresh_process(dls, tmp_path):
+def test_export_round_trip_in_fresh_process(dls, tmp_path, predict_in_fresh_process):
     torch.manual_seed(0)
     learn = cls_learner(dls, 'resnet18', head='subcenter_arcface', embed_dim=32, pretrained=False)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
@@ -141,15 +141,8 @@ def test_export_round_trip_in_fresh_process(dls, tmp_path):
     learn.export(fn)
     files = list(synth_df(n=64, size=32, n_classes=3).fname[:3])
     with learn.no_bar(): here = [learn.predict(PILImage.create(f))[2].tolist() for f in files]
-    code = textwrap.dedent(f"""
-        import json
-        from fastai.vision.all import load_learner, PILImage
-        learn = load_learner({str(fn)!r})
-        assert type(learn.loss_func).__name__ == 'MarginCrossEntropy' and learn.loss_func.head is learn.model[1][-1]
-        with learn.no_bar(): print(json.dumps([learn.predict(PILImage.create(f))[2].tolist() for f in {files!r}]))
-    """)
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
-    assert torch.allclose(torch.tensor(here), torch.tensor(json.loads(out.strip().splitlines()[-1])), atol=1e-6)
+    there = predict_in_fresh_process(fn, files, check="assert type(learn.loss_func).__name__ == 'MarginCrossEntropy' and learn.loss_func.head is learn.model[1][-1]")
+    assert torch.allclose(torch.tensor(here), torch.tensor(there), atol=1e-6)
 
 @pytest.mark.parametrize('kwargs,msg', [
     (dict(head='arcfce'), "Did you mean 'arcface'"),

@@ -137,7 +137,7 @@ def test_torch_optimizer_warns(dls):
     with pytest.warns(UserWarning, match='ignored with a PyTorch optimizer'): learn.create_opt()
 
 @pytest.mark.parametrize('pool', ['gem', 'bilinear'])
-def test_export_round_trip_in_fresh_process(dls, tmp_path, pool):
+def test_export_round_trip_in_fresh_process(dls, tmp_path, pool, predict_in_fresh_process):
     torch.manual_seed(0)
     learn = cls_learner(dls, 'resnet18', pool=pool, pretrained=False)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
@@ -145,16 +145,7 @@ def test_export_round_trip_in_fresh_process(dls, tmp_path, pool):
     learn.export(fn)
     files = list(synth_df(n=64, size=32, n_classes=2).fname[:3])
     with learn.no_bar(): here = [learn.predict(PILImage.create(f))[2].tolist() for f in files]
-    code = textwrap.dedent(f"""
-        import json
-        from fastai.vision.all import load_learner, PILImage
-        learn = load_learner({str(fn)!r})
-        p = learn.model[1][0]
-        with learn.no_bar(): print(json.dumps([type(p).__name__, [learn.predict(PILImage.create(f))[2].tolist() for f in {files!r}]]))
-    """)
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
-    name,there = json.loads(out.strip().splitlines()[-1])
-    assert name == type(learn.model[1][0]).__name__
+    there = predict_in_fresh_process(fn, files, check=f"assert type(learn.model[1][0]).__name__ == {type(learn.model[1][0]).__name__!r}")
     assert torch.allclose(torch.tensor(here), torch.tensor(there), atol=1e-6)
 
 @pytest.mark.parametrize('pool', ['gem', 'bilinear', 'bap'])
