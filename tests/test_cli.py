@@ -141,3 +141,17 @@ def test_recipe_and_overrides():
     assert run_config('se')['attn'] == 'se' and run_config(attn='none')['attn'] is None
     check_config(run_config('se-mixup'))
     with pytest.raises(UsageError, match='unknown options'): run_config(atn='se')
+
+def test_resume(trained, folder, tmp_path):
+    "A run leaves a checkpoint; --resume continues from it (here: the finished fit) and reports the same model"
+    out,_ = trained
+    assert (out/'checkpoints'/'last.pth').is_file()
+    before = json.loads((out/'metrics.json').read_text())
+    r = fastcls('train', '--data', folder, '--out', out, *TINY, '--resume')
+    assert r.returncode == 0, r.stderr
+    after = json.loads((out/'metrics.json').read_text())
+    assert after['per_class_recall'] == before['per_class_recall'] and after['confusion_matrix'] == before['confusion_matrix']
+    r = fastcls('train', '--data', folder, '--out', out, *TINY, '--epochs', '2', '--resume')  # the checkpoint is read
+    assert r.returncode == 2 and 'written by a fit of 1 epochs' in r.stderr
+    r = fastcls('train', '--data', folder, '--out', tmp_path/'fresh', *TINY, '--resume')
+    assert r.returncode == 2 and 'no checkpoint' in r.stderr and 'Traceback' not in r.stderr
