@@ -1,8 +1,9 @@
 """Long-tail methods side by side: same backbone, size, epochs and schedule; accuracy, balanced accuracy, per-class recall.
 
-    python benchmarks/bench_longtail.py --data elpv --epochs 8 --size 96 --out /tmp/lt_elpv.jsonl
-    python benchmarks/bench_longtail.py --data digits10 --epochs 8 --size 32 --out /tmp/lt_d10.jsonl
-    python benchmarks/bench_longtail.py --table /tmp/lt_elpv.jsonl /tmp/lt_d10.jsonl   # markdown table
+    python benchmarks/bench_longtail.py --data elpv --epochs 8 --size 96 --out benchmarks/longtail/elpv96.jsonl
+    python benchmarks/bench_longtail.py --data digits10 --epochs 8 --size 32 --bs 16 --out benchmarks/longtail/digits10.jsonl
+    python benchmarks/bench_longtail.py --data digits50 --epochs 8 --size 32 --bs 16 --out benchmarks/longtail/digits50.jsonl
+    python benchmarks/bench_longtail.py --table benchmarks/longtail/*.jsonl   # markdown tables
 
 Every method trains `resnet18` from scratch (`pretrained=False`) with `fit_one_cycle(epochs, lr)` and the data's
 default augmentation (ELPV: fastai's `aug_transforms`). `crt`, `lws`, `tau_norm*` and `posthoc_la` start from
