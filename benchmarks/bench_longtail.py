@@ -82,7 +82,7 @@ def run(a):
             learn = from_ce(dls, m, ce_state, a)
         else: learn = train(dls, m, a.epochs, a.lr)
         if m == 'ce': ce_state = {k: v.clone() for k,v in learn.model.state_dict().items()}
-        res = dict(data=a.data, method=m, arch=ARCH, size=a.size, epochs=a.epochs, lr=a.lr, seed=a.seed, crt_epochs=a.crt_epochs, crt_lr=a.crt_lr,
+        res = dict(data=a.data, method=m, arch=ARCH, size=a.size, bs=a.bs, epochs=a.epochs, lr=a.lr, seed=a.seed, crt_epochs=a.crt_epochs, crt_lr=a.crt_lr,
                    vocab=list(map(str, dls.vocab)), train_counts=counts, **evaluate(learn, dls), seconds=round(time.time() - t))
         if m == 'tau_norm_val': res['tau'] = learn.model[1][1][-1].tau if hasattr(learn.model[1][1][-1], 'tau') else None
         print(json.dumps(res), flush=True)
@@ -94,7 +94,7 @@ def table(paths):
     for data in dict.fromkeys(r['data'] for r in rows):
         rs = [r for r in rows if r['data'] == data]
         r0 = rs[0]
-        print(f"\n**{data}** ({r0['arch']} from scratch, {r0['size']} px, {r0['epochs']} epochs `fit_one_cycle` lr {r0['lr']}, seed {r0['seed']}; "
+        print(f"\n**{data}** ({r0['arch']} from scratch, {r0['size']} px, bs {r0.get('bs', 64)}, {r0['epochs']} epochs `fit_one_cycle` lr {r0['lr']}, seed {r0['seed']}; "
               f"train counts {dict(zip(r0['vocab'], r0['train_counts']))})\n")
         print('| method | accuracy | balanced acc. | per-class recall | min recall | time (s) |')
         print('|---|---|---|---|---|---|')
