@@ -91,10 +91,11 @@ def run(a):
 
 def table(paths):
     rows = [json.loads(l) for p in paths for l in open(p) if l.strip()]
-    for data in dict.fromkeys(r['data'] for r in rows):
-        rs = [r for r in rows if r['data'] == data]
+    setup = lambda r: (r['data'], r['size'], r.get('bs', 64), r['epochs'], r['lr'], r['seed'])  # one table per setup
+    for key in dict.fromkeys(map(setup, rows)):
+        rs = [r for r in rows if setup(r) == key]
         r0 = rs[0]
-        print(f"\n**{data}** ({r0['arch']} from scratch, {r0['size']} px, bs {r0.get('bs', 64)}, {r0['epochs']} epochs `fit_one_cycle` lr {r0['lr']}, seed {r0['seed']}; "
+        print(f"\n**{r0['data']}** ({r0['arch']} from scratch, {r0['size']} px, bs {r0.get('bs', 64)}, {r0['epochs']} epochs `fit_one_cycle` lr {r0['lr']}, seed {r0['seed']}; "
               f"train counts {dict(zip(r0['vocab'], r0['train_counts']))})\n")
         print('| method | accuracy | balanced acc. | per-class recall | min recall | time (s) |')
         print('|---|---|---|---|---|---|')
