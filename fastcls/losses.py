@@ -104,7 +104,7 @@ class ClassBalancedLoss(LongTailLoss):
         if self.loss_type == 'softmax': return self.reduce(w * F.cross_entropy(z, y, reduction='none'))
         t = F.one_hot(y.long(), z.shape[-1]).to(z.dtype)
         l = F.binary_cross_entropy_with_logits(z, t, reduction='none')
-        if self.loss_type == 'focal': l = torch.exp(-self.gamma*t*z - self.gamma*torch.log1p(torch.exp(-z))) * l
+        if self.loss_type == 'focal': l = torch.exp(-self.gamma*t*z - self.gamma*F.softplus(-z)) * l  # softplus: finite for z < -88
         return self.reduce(w * l.sum(-1))
     def activation(self, x): return F.softmax(x, -1) if self.loss_type == 'softmax' else x.sigmoid()
 

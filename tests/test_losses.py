@@ -72,6 +72,16 @@ def test_softmax_focal_small_gamma_grad_finite():
     SoftmaxFocalLoss(gamma=.5)(z, torch.tensor([0])).backward()
     assert torch.isfinite(z.grad).all()
 
+def test_class_balanced_focal_extreme_logits():
+    "log(1+exp(-z)) overflows for z < -88: the modulating factor must stay finite, loss and gradient too"
+    z = torch.tensor([[-100., 2., 0.]], dtype=torch.float64, requires_grad=True)
+    for y in (0, 1):
+        loss = ClassBalancedLoss([5, 5, 5], loss_type='focal', gamma=1.)(z.float(), torch.tensor([y]))
+        want = tf_cb_loss(np.array([y]), z.detach().numpy(), np.array([5., 5, 5]), 3, 'focal', 0.9999, 1.)
+        assert abs(float(loss) - want) < 1e-4 * max(1, abs(want))
+        g, = torch.autograd.grad(loss, z)
+        assert torch.isfinite(g).all()
+
 @pytest.mark.parametrize('loss_type', ['softmax', 'sigmoid', 'focal'])
 @pytest.mark.parametrize('beta', [0.9, 0.999, 0.9999])
 def test_class_balanced_official(loss_type, beta):
