@@ -132,7 +132,7 @@ class AdaCosHead(MarginHead):
         super().__init__(nf, n_out, scale=math.sqrt(2)*math.log(n_out-1), **kwargs)
         self.register_buffer('next_scale', self.scale.clone())
     def forward(self, x):
-        self.scale.copy_(self.next_scale)
+        self.scale = self.next_scale.clone()  # a new tensor, never written in place: earlier graphs keep theirs
         return super().forward(x)
     def margin_logits(self, logits, targ):
         cos = self.cosine(logits).clamp(-1+1e-7, 1-1e-7)
@@ -141,8 +141,9 @@ class AdaCosHead(MarginHead):
             onehot = F.one_hot(targ, cos.shape[1]).bool()
             b_avg = torch.where(onehot, 0, torch.exp(self.scale*cos)).sum(1).mean()
             theta_med = torch.acos(cos[onehot]).median()
-            self.next_scale.copy_(torch.log(b_avg) / torch.cos(theta_med.clamp(max=math.pi/4)))
-        return self.next_scale * cos
+            s = (torch.log(b_avg) / torch.cos(theta_med.clamp(max=math.pi/4))).to(self.next_scale.dtype)
+        self.next_scale = s  # replaced, not copied into: a second loss call (MixUp, WS-DAN) still back-propagates
+        return s * cos
 
 # %% ../nbs/12_margin.ipynb #f3161970
 class MarginCrossEntropy:

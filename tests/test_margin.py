@@ -102,6 +102,14 @@ def test_mixing_applies_margin_to_both_targets(dls, mix_cls):
     assert isinstance(learn.loss_func, MarginCrossEntropy)  # restored after fit
 
 @pytest.mark.parametrize('name', list(margin_heads))
+def test_every_head_trains_with_mixup(dls, name):
+    "MixUp calls the loss twice per step (both targets): heads with state updated in the loss (AdaCos) must still back-propagate"
+    torch.manual_seed(0)
+    learn = cls_learner(dls, 'resnet18', head=name, embed_dim=32, pretrained=False, cbs=MixUp(1.))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert math.isfinite(learn.recorder.values[-1][0])
+
+@pytest.mark.parametrize('name', list(margin_heads))
 def test_every_head_trains(dls, name):
     torch.manual_seed(0)
     learn = cls_learner(dls, 'resnet18', head=name, embed_dim=32, pretrained=False)
