@@ -30,13 +30,14 @@ class DRW(Callback):
     def __init__(self, start:int|None=None, # first re-weighted epoch (0-based); default `int(0.8*n_epoch)` (160 of 200)
                  beta:float=0.9999): store_attr()
     def before_fit(self):
-        if not hasattr(self.learn.loss_func, 'weight'):
-            raise ValueError(f"DRW needs a loss with a `weight` attribute (LDAMLoss, nn.CrossEntropyLoss), got {type(self.learn.loss_func).__name__}")
-        self.old = self.learn.loss_func.weight
+        self.lf = getattr(self.learn.loss_func, 'func', self.learn.loss_func)  # fastai's `CrossEntropyLossFlat` wraps `func`
+        if not hasattr(self.lf, 'weight'):
+            raise ValueError(f"DRW needs a loss with a `weight` attribute (LDAMLoss, nn.CrossEntropyLoss, CrossEntropyLossFlat), got {type(self.learn.loss_func).__name__}")
+        self.old = self.lf.weight
         self.cb_w = cb_weights(check_counts(class_counts(self.dls), self.dls.vocab), self.beta).to(self.dls.device or 'cpu')
     def before_epoch(self):
-        self.learn.loss_func.weight = self.cb_w if self.epoch >= ifnone(self.start, int(0.8*self.n_epoch)) else None
-    def after_fit(self): self.learn.loss_func.weight = self.old
+        self.lf.weight = self.cb_w if self.epoch >= ifnone(self.start, int(0.8*self.n_epoch)) else self.old
+    def after_fit(self): self.lf.weight = self.old
 
 # %% ../nbs/11_longtail.ipynb #1cf19b61
 class BilateralBlock(nn.Module):

@@ -1,4 +1,5 @@
 "BBN, DRW, decoupling verbs: formulas, bad input, export/load in a fresh process, star-import safety"
+from fastai.losses import CrossEntropyLossFlat
 import subprocess, sys, textwrap
 import pytest, torch, torch.nn.functional as F
 from torch import nn
@@ -84,6 +85,21 @@ def test_drw_switches_weights(dls):
     assert [w is None for w in seen] == [True, False, False]
     with pytest.raises(ValueError, match="needs a loss with a `weight`"):
         quiet_fit(cls_learner(dls, 'test_resnet', pretrained=False, loss_func=lambda p, y: p.sum()), 1, cbs=DRW())
+
+def test_drw_on_default_loss_keeps_user_weight(dls):
+    "fastai's CrossEntropyLossFlat (cls_learner's default) works; a user weight is kept before `start` and restored"
+    learn = cls_learner(dls, 'test_resnet', pretrained=False)
+    assert isinstance(learn.loss_func, CrossEntropyLossFlat)
+    user_w = torch.tensor([1., 2., 3.])
+    learn.loss_func.func.weight = user_w
+    seen = []
+    class W(Callback):
+        order = DRW.order + 1
+        def before_train(self): seen.append(self.learn.loss_func.func.weight)
+    quiet_fit(learn, 2, 1e-3, cbs=[DRW(start=1), W()])
+    assert seen[0] is user_w
+    torch.testing.assert_close(seen[1], cb_weights(class_counts(dls)))
+    assert learn.loss_func.func.weight is user_w
 
 # ---- decoupling verbs ----
 def test_verbs_need_training(dls):
