@@ -75,7 +75,8 @@ class ClassSamplerDL(TfmdDL):
     def new(self, dataset=None, cls=None, **kwargs):
         kw = dict(labels=self.labels, q=self.q, n_epoch=self.n_epoch, seed=self.seed, epoch=self.epoch, n=self.n_total,
                   num_replicas=self.num_replicas, rank=self.rank)
-        if (cls is not None and not issubclass(cls, ClassSamplerDL)) or (dataset is not None and len(dataset) != len(self.labels)): kw = {}
+        if cls is not None and not issubclass(cls, ClassSamplerDL): kw = {}
+        elif dataset is not None and len(dataset) != len(self.labels): kw,cls = {},cls or TfmdDL  # other data: a plain loader
         return super().new(dataset, cls, **{**kw, **kwargs})
 
 # %% ../nbs/06_samplers.ipynb #e60211b3

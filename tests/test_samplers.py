@@ -1,6 +1,7 @@
 "Sampler statistics, determinism, DDP sharding and use in training"
 import json, subprocess, sys, textwrap
-import pytest, torch
+import pytest
+from fastai.data.core import TfmdDL, torch
 from fastai.distributed import DistributedDL
 from fastcls.samplers import samplers, ClassSamplerDL, class_probs, progressive_probs
 from fastcls.losses import class_counts
@@ -58,6 +59,8 @@ def test_new_keeps_sampling_and_no_shuffle_is_sequential(dls):
     dl = samplers['sqrt'](dls, seed=1).train
     assert type(dl.new()) is ClassSamplerDL and dl.new().seed == 1 and dl.new().q == .5
     assert dl.new(shuffle=False, drop_last=False).get_idxs() == list(range(len(dls.train_ds)))
+    other = dl.new(dls.valid_ds, shuffle=False)  # another dataset: the class labels do not apply, a plain loader
+    assert type(other) is TfmdDL and other.get_idxs() == list(range(len(dls.valid_ds)))
 
 @pytest.mark.parametrize('world_size', [2, 3])
 def test_distributed_sharding(dls, world_size):
