@@ -43,7 +43,10 @@ def elpv_df() -> pd.DataFrame:
     "ELPV labels with `is_valid` from the published split in `fastcls/splits/elpv.csv`"
     df = elpv_labels()
     split = pd.read_csv(_split_dir/'elpv.csv')
-    df['is_valid'] = df.fname.map(lambda f: Path(f).name).map(dict(zip(split.image, split.is_valid))).astype(bool)
+    is_valid = df.fname.map(lambda f: Path(f).name).map(dict(zip(split.image, split.is_valid)))
+    if is_valid.isna().any():  # never put an image without a published split silently in one of the sets
+        raise ValueError(f"{is_valid.isna().sum()} ELPV images are not in the published split {_split_dir/'elpv.csv'}, e.g. {df.fname[is_valid.isna()].iloc[0]}")
+    df['is_valid'] = is_valid.astype(bool)
     return df
 
 # %% ../nbs/04_data.ipynb #f5e5cdb7
