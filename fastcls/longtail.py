@@ -92,6 +92,8 @@ def bbn_learner(dls, arch, head:str='linear', # classifier over the concatenated
     clf = heads[head](nf, learn.n_out, **head_kw)
     if head == 'fastai': apply_init(clf, nn.init.kaiming_normal_)
     learn.model = BBNModel(body, nn.Sequential(pool, clf))
+    if kwargs.get('loss_func') is None and 'loss_func' in heads.meta(head):  # a margin head's loss must hold the new head
+        learn.loss_func = heads.meta(head)['loss_func'](clf)
     learn.opt = None
     if learn.pretrained: learn.freeze()
     return learn

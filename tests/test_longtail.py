@@ -101,6 +101,12 @@ def test_drw_on_default_loss_keeps_user_weight(dls):
     torch.testing.assert_close(seen[1], cb_weights(class_counts(dls)))
     assert learn.loss_func.func.weight is user_w
 
+@pytest.mark.parametrize('head', ['arcface', 'adacos'])
+def test_bbn_margin_head_loss_holds_the_model_head(dls, head):
+    "The margin loss cls_learner built for its own head must be rebuilt for BBN's classifier, or AdaCos never adapts"
+    learn = bbn_learner(dls, 'test_resnet', head=head, pretrained=False)
+    assert learn.loss_func.head is learn.model[1][-1]
+
 # ---- decoupling verbs ----
 def test_verbs_need_training(dls):
     learn = cls_learner(dls, 'test_resnet', pretrained=False)
