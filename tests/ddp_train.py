@@ -33,6 +33,7 @@ def main():
             def rec():
                 r = get(); seen.append([int(i) for i in r]); del dl.get_idxs; return r
             dl.get_idxs = rec
+    init = {k: v.clone() for k,v in learn.model.state_dict().items()}
     with learn.no_bar(), learn.distrib_ctx():
         learn.fit(a.epochs, 1e-3, cbs=Record())
         values = [list(map(float, v)) for v in learn.recorder.values]
@@ -43,6 +44,8 @@ def main():
                preds=preds.tolist(), targs=targs.tolist())
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f'rank{rank_distrib()}.json'), 'w') as f: json.dump(res, f)
-    if rank_distrib() == 0: torch.save(learn.model.state_dict(), os.path.join(a.out, 'model.pth'))
+    if rank_distrib() == 0:
+        torch.save(learn.model.state_dict(), os.path.join(a.out, 'model.pth'))
+        torch.save(init, os.path.join(a.out, 'init.pth'))
 
 if __name__ == '__main__': main()

@@ -13,7 +13,7 @@ def _run(out, nproc, bs):
     pre = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(_free_port())] if nproc > 1 else [sys.executable]
     r = subprocess.run(pre + [str(SCRIPT), '--out', str(out), '--bs', str(bs)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return [json.load(open(out/f'rank{i}.json')) for i in range(nproc)], torch.load(out/'model.pth')
+    return [json.load(open(out/f'rank{i}.json')) for i in range(nproc)], torch.load(out/'model.pth'), torch.load(out/'init.pth')
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
@@ -21,18 +21,18 @@ def runs(tmp_path_factory):
     return _run(d/'single', 1, 16), _run(d/'ddp', 2, 8)
 
 def test_ranks_are_distributed(runs):
-    (single,_),(ddp,_) = runs
+    (single,*_),(ddp,*_) = runs
     assert single[0]['world'] <= 1 and [r['world'] for r in ddp] == [2, 2] and [r['rank'] for r in ddp] == [0, 1]
 
 def test_model_matches_single_process(runs):
-    (_,m1),(_,m2) = runs
+    (_,m1,i1),(_,m2,_) = runs
     assert m1.keys() == m2.keys()
     for k in m1:
         if m1[k].is_floating_point(): torch.testing.assert_close(m2[k], m1[k], atol=1e-4, rtol=1e-3, msg=k)
-    assert any((m1[k].float().abs() > 0).any() for k in m1)
+    assert any(not torch.equal(m1[k], i1[k]) for k in m1 if m1[k].is_floating_point())  # training moved the weights
 
 def test_shards_disjoint_in_stream_order_and_balanced(runs):
-    (single,_),(ddp,_) = runs
+    (single,*_),(ddp,*_) = runs
     bs, n_ep = 8, len(single[0]['seen'])
     assert n_ep == 2 and all(len(r['seen']) == n_ep for r in ddp)
     for e in range(n_ep):
@@ -46,7 +46,7 @@ def test_shards_disjoint_in_stream_order_and_balanced(runs):
             assert all(sum(ys[b:b+bs]) == bs//2 for b in range(0, len(ys), bs))
 
 def test_gathered_predictions_and_metrics(runs):
-    (single,_),(ddp,_) = runs
+    (single,*_),(ddp,*_) = runs
     p1,p2 = torch.tensor(single[0]['preds']), torch.tensor(ddp[0]['preds'])
     assert p1.shape == p2.shape == (17, 2)  # odd validation set: the padded sample is removed after gathering
     assert single[0]['targs'] == ddp[0]['targs'] == ddp[1]['targs']

@@ -38,13 +38,14 @@ def test_param_groups_and_discriminative_lrs(dls):
     learn.opt.set_hyper('lr', slice(1e-5, 1e-3))
     lrs = [h['lr'] for h in learn.opt.hypers]
     assert lrs[0] < lrs[1] < lrs[2]
+    assert {id(p) for p in learn.opt.param_lists[1]} == {id(p) for p in attention_params(learn.model)}  # group 1: attention
 
 def test_same_net_as_vision_learner(dls):
     "With fastai's concat pooling, cls_learner builds the very model vision_learner does"
     a = cls_learner(dls, 'resnet18', pool='catavgmax', pretrained=False)
     b = vision_learner(dls, 'resnet18', pretrained=False)
     assert [tuple(p.shape) for p in a.model.parameters()] == [tuple(p.shape) for p in b.model.parameters()]
-    assert len(a.opt_func.__name__) and len(a.splitter(a.model)) == len(b.splitter(b.model)) == 2
+    assert len(a.splitter(a.model)) == len(b.splitter(b.model)) == 2
 
 def test_n_out_from_dls(dls):
     learn = cls_learner(dls, 'resnet18', pretrained=False)

@@ -58,11 +58,14 @@ def test_center_loss_caffe_rule_against_loop():
         delta = (c0[j] - x[m]).sum(0) / (1 + m.sum())
         assert torch.allclose(cl.centers[j], c0[j] - 0.3*delta, atol=1e-6)  # class 3 (absent) stays put
 
-def test_center_loss_weight_does_not_move_centers():
-    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
-    a, b = CenterLoss(3, 3), CenterLoss(3, 3); b.centers.copy_(a.centers)
-    (0.001*a(x, y)); (10*b(x, y))
-    assert torch.equal(a.centers, b.centers)
+def test_center_loss_weight_scales_gradient_not_center_update():
+    "The loss weight scales the gradient on the embeddings; the centres move by their own rate whatever the weight"
+    x0, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    a, b = CenterLoss(3, 3), CenterLoss(3, 3); b.centers.copy_(a.centers); c0 = a.centers.clone()
+    xa, xb = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    (0.001*a(xa, y)).backward(); (10*b(xb, y)).backward()
+    assert torch.equal(a.centers, b.centers) and not torch.equal(a.centers, c0)
+    torch.testing.assert_close(xb.grad, 1e4*xa.grad)
 
 @pytest.mark.parametrize('kw,msg', [(dict(update='adam'), "'caffe' or 'sgd'"), (dict(alpha=0), 'alpha')])
 def test_center_loss_bad_input(kw, msg):
