@@ -238,7 +238,7 @@ def check_out(out) -> Path:
     return out
 
 def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=False, valid_pct:float=0.2,
-        export:bool=True, resume:bool=False) -> tuple:
+        export:bool=True, resume:bool=False, checkpoint:bool=True) -> tuple:
     "Train the run `cfg` (see `run_config`) on `data`; write the report to `out` if given; return (learn, results)"
     from fastcls.learner import cls_learner
     check_config(cfg)
@@ -252,7 +252,7 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
     start = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*upsample.*|.*lr_find.*')
-        with learn.resumable(Path(out)/'checkpoints', resume=resume) if out is not None else contextlib.nullcontext():
+        with learn.resumable(Path(out)/'checkpoints', resume=resume) if out is not None and checkpoint else contextlib.nullcontext():
             if quiet:
                 with learn.no_bar(), learn.no_logging(): _train(learn, cfg)
             else: _train(learn, cfg)

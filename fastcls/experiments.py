@@ -116,7 +116,7 @@ def experiments(grid:str=None, # runs as key=v1,v2;key=... (keys: fastcls train 
     for i,(r,cfg) in enumerate(cfgs):
         name = '_'.join(f'{k}-{v}' for k,v in r.items()) or 'run'
         print(f"[{i+1}/{len(cfgs)}] {' '.join(f'{k}={v}' for k,v in r.items())}", flush=True)
-        _,res = fit(cfg, data, out/name, quiet=quiet, skip_bad=skip_bad, export=export)
+        _,res = fit(cfg, data, out/name, quiet=quiet, skip_bad=skip_bad, export=export, checkpoint=False)  # no resume here: no 3x-model checkpoint per run
         results.append(dict(res, n_valid=res['config']['n_valid']))
         print(f"      top-1 {res['accuracy']:.1%}, balanced {res['balanced_accuracy']:.1%} ({res['wall_seconds']:.0f} s)", flush=True)
         df = write_tables(results, out, f"fastcls experiments on {data}")
