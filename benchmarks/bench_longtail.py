@@ -10,12 +10,13 @@ default augmentation (ELPV: fastai's `aug_transforms`). `crt`, `lws`, `tau_norm*
 the plain-CE model of the same run (`ce` must run first): cRT and LWS add `--crt-epochs` head-only epochs at `--crt-lr` (class-balanced sampler); τ-norm and
 post-hoc LA add no training. `tau_norm_val` searches τ on the validation set it is scored on (optimistic).
 `X_sampler` is plain CE on a training set drawn by `samplers['X']`.
+`fastai` is the peer: fastai's own `vision_learner` with its default loss, the issue's baseline recipe.
 BBN does two forward/backward passes per step (uniform + reversed batch). One line of JSON per method is
 appended to `--out` as soon as it finishes.
 """
 import argparse, json, time, warnings
 import torch
-from fastai.vision.all import set_seed, accuracy, CrossEntropyLossFlat
+from fastai.vision.all import set_seed, accuracy, CrossEntropyLossFlat, vision_learner
 from fastcls.data import elpv_dls, digits_dls
 from fastcls.learner import cls_learner
 from fastcls.losses import losses, class_counts
@@ -24,7 +25,7 @@ from fastcls.ltmetrics import class_recall, balanced_acc
 from fastcls.longtail import DRW, bbn_learner, CumulativeLearning
 
 ARCH = 'resnet18'
-ALL = 'ce,posthoc_la,tau_norm,tau_norm_val,crt,lws,balanced_softmax,ldam_drw,bbn,logit_adjusted,cb,focal,class_balanced_sampler,sqrt_sampler'
+ALL = 'fastai,ce,posthoc_la,tau_norm,tau_norm_val,crt,lws,balanced_softmax,ldam_drw,bbn,logit_adjusted,cb,focal,class_balanced_sampler,sqrt_sampler'
 
 def get_dls(data, size, bs):
     if data == 'elpv': return elpv_dls(size=size, bs=bs)
@@ -34,7 +35,10 @@ def get_dls(data, size, bs):
 def train(dls, method, epochs, lr):
     "A trained learner for a method that trains from scratch"
     kw = dict(pretrained=False, metrics=accuracy)
-    if method == 'bbn':
+    if method == 'fastai':  # the peer: plain fastai, the issue's baseline recipe
+        learn = vision_learner(dls, ARCH, **kw)
+        cbs = []
+    elif method == 'bbn':
         learn = bbn_learner(dls, ARCH, **kw)
         cbs = [CumulativeLearning()]
     elif method == 'ldam_drw':
@@ -97,11 +101,13 @@ def table(paths):
         r0 = rs[0]
         print(f"\n**{r0['data']}** ({r0['arch']} from scratch, {r0['size']} px, bs {r0.get('bs', 64)}, {r0['epochs']} epochs `fit_one_cycle` lr {r0['lr']}, seed {r0['seed']}; "
               f"train counts {dict(zip(r0['vocab'], r0['train_counts']))})\n")
-        print('| method | accuracy | balanced acc. | per-class recall | min recall | time (s) |')
-        print('|---|---|---|---|---|---|')
+        peer = next((r for r in rs if r['method'] == 'fastai'), None)  # ratios against plain fastai when it ran
+        vs = lambda r, k: f"{r[k]/peer[k]:.2f}" if peer else '–'
+        print('| method | accuracy | balanced acc. | per-class recall | min recall | accuracy / fastai | balanced / fastai | time (s) |')
+        print('|---|---|---|---|---|---|---|---|')
         for r in rs:
             print(f"| {r['method']}{' (τ=%.1f)' % r['tau'] if r.get('tau') is not None else ''} | {r['acc']*100:.1f} | {r['bal_acc']*100:.1f} | "
-                  f"{', '.join(f'{x:.2f}' for x in r['recall'])} | {min(r['recall']):.2f} | {r['seconds']} |")
+                  f"{', '.join(f'{x:.2f}' for x in r['recall'])} | {min(r['recall']):.2f} | {vs(r, 'acc')} | {vs(r, 'bal_acc')} | {r['seconds']} |")
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser()
