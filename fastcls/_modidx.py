@@ -37,6 +37,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastcls.augment._heavy': ('augment.html#_heavy', 'fastcls/augment.py'),
                                  'fastcls.augment._light': ('augment.html#_light', 'fastcls/augment.py'),
                                  'fastcls.augment._medium': ('augment.html#_medium', 'fastcls/augment.py'),
+                                 'fastcls.augment._posterize': ('augment.html#_posterize', 'fastcls/augment.py'),
+                                 'fastcls.augment._timm_ops': ('augment.html#_timm_ops', 'fastcls/augment.py'),
                                  'fastcls.augment.aug_presets': ('augment.html#aug_presets', 'fastcls/augment.py')},
             'fastcls.checkpoint': { 'fastcls.checkpoint.CheckpointCallback': ( 'checkpoint.html#checkpointcallback',
                                                                                'fastcls/checkpoint.py'),

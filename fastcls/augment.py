@@ -3,7 +3,7 @@
 # %% ../nbs/05_augment.ipynb #95408359
 from __future__ import annotations
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 import albumentations as A
 from fastai.vision.all import RandTransform, Transform, PILImage, TensorImage
 from fastcore.basics import store_attr
@@ -67,19 +67,29 @@ def _heavy(): return [A.HorizontalFlip(), A.VerticalFlip(p=0.2),
 for _nm,_f in [('light', _light), ('medium', _medium), ('heavy', _heavy)]: presets.register(_nm, _album(_f))
 
 # %% ../nbs/05_augment.ipynb #070478d3
+def _posterize(img, bits_to_keep, **kwargs):
+    "timm's `posterize` with at least 1 bit: timm asks for 0 bits at magnitude 10, which Pillow >= 11 rejects"
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, bits_to_keep))
+
+def _timm_ops(tfm):
+    "The ops of a timm RandAugment/AugMix (`ops`) or AutoAugment (`policy`, lists of ops)"
+    return list(getattr(tfm, 'ops', [])) + [op for sub in getattr(tfm, 'policy', []) for op in sub]
+
 class TimmAugment(RandTransform):
     "timm's RandAugment/AutoAugment/AugMix from a timm config string, on training `PILImage`s"
     order = 2
     def __init__(self,
                  config:str='rand-m9-mstd0.5-inc1', # timm's `auto_augment` string: 'rand-...', 'augmix-...', or an AutoAugment policy
                  mean=(0.485, 0.456, 0.406)): # fill colour of geometric ops, as in timm (ImageNet mean)
-        from timm.data.auto_augment import rand_augment_transform, augment_and_mix_transform, auto_augment_transform
+        from timm.data.auto_augment import rand_augment_transform, augment_and_mix_transform, auto_augment_transform, posterize as timm_posterize
         super().__init__()
         store_attr('config,mean')
         hp = dict(translate_pct=0.3 if config.startswith('augmix') else 0.45, img_mean=tuple(min(255, round(255*m)) for m in mean))
         make = (rand_augment_transform if config.startswith('rand') else
                 augment_and_mix_transform if config.startswith('augmix') else auto_augment_transform)
         self.tfm = make(config, hp)
+        for op in _timm_ops(self.tfm):
+            if op.aug_fn is timm_posterize: op.aug_fn = _posterize
 
     def encodes(self, img:PILImage):
         mode = img.mode

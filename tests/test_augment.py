@@ -84,3 +84,14 @@ def test_export_round_trip_in_fresh_process(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     there = json.loads(out.stdout.strip().splitlines()[-1])
     assert torch.allclose(torch.tensor(here), torch.tensor(there), atol=1e-6)
+
+
+def test_randaugment_at_full_magnitude_never_asks_pillow_for_0_bits():
+    "timm's increasing Posterize keeps 0 bits at magnitude 10 (reached by m9-mstd0.5 draws); Pillow >= 11 raises on it"
+    import random
+    from PIL import Image
+    t = TimmAugment('rand-m10-n3-inc1')  # magnitude exactly 10, 3 ops per image: Posterize is drawn often
+    img = PILImage(Image.new('RGB', (16, 16), (200, 90, 30)))
+    random.seed(0)
+    outs = [t.encodes(img) for _ in range(60)]
+    assert all(o.size == img.size and o.mode == 'RGB' for o in outs)
