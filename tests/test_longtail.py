@@ -88,9 +88,8 @@ def test_drw_switches_weights(dls):
 
 def test_drw_on_default_loss_keeps_user_weight(dls):
     "fastai's CrossEntropyLossFlat (cls_learner's default) works; a user weight is kept before `start` and restored"
-    learn = cls_learner(dls, 'test_resnet', pretrained=False)
-    assert isinstance(learn.loss_func, CrossEntropyLossFlat)
-    user_w = torch.tensor([1., 2., 3.])
+    learn = cls_learner(dls, 'test_resnet', pretrained=False, loss_func=CrossEntropyLossFlat())  # fastai's default is one
+    user_w = torch.tensor([1., 2., 3.])                                                           # instance shared by all dls
     learn.loss_func.func.weight = user_w
     seen = []
     class W(Callback):
