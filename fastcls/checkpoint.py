@@ -71,6 +71,8 @@ class CheckpointCallback(Callback):
         self.fn = Path(path)/f'{fname}.pth'
 
     def before_fit(self):
+        self.run = not hasattr(self, 'gather_preds')  # `get_preds` fires before_fit too: it is not a fit to count or resume
+        if not self.run: return
         self.state,self.done,self.skipping = None,0,False
         self.fit_no = getattr(self, 'fit_no', -1) + 1  # fits run with this callback (`fine_tune` runs two)
         if not rank_distrib():  # temporary files of a save killed half-way

@@ -30,6 +30,8 @@ class DRW(Callback):
     def __init__(self, start:int|None=None, # first re-weighted epoch (0-based); default `int(0.8*n_epoch)` (160 of 200)
                  beta:float=0.9999): store_attr()
     def before_fit(self):
+        self.run = not hasattr(self, 'gather_preds')  # `get_preds` also fires before_fit: leave the loss alone there
+        if not self.run: return
         self.lf = getattr(self.learn.loss_func, 'func', self.learn.loss_func)  # fastai's `CrossEntropyLossFlat` wraps `func`
         if not hasattr(self.lf, 'weight'):
             raise ValueError(f"DRW needs a loss with a `weight` attribute (LDAMLoss, nn.CrossEntropyLoss, CrossEntropyLossFlat), got {type(self.learn.loss_func).__name__}")
@@ -120,6 +122,8 @@ class CumulativeLearning(Callback):
                  div_epoch:int|None=None, seed:int|None=None): # `seed` of the reversed sampler
         store_attr()
     def before_fit(self):
+        self.run = not hasattr(self, 'gather_preds')  # not in `get_preds` (an exported learner has no training data)
+        if not self.run: return
         if not isinstance(self.learn.model, BBNModel): raise ValueError("CumulativeLearning needs a BBNModel: build the learner with `bbn_learner`")
         self.rev,self.it = samplers['reversed'](self.dls, seed=self.seed).train,None
         self.old_lf = self.learn.loss_func

@@ -117,3 +117,12 @@ def test_resumable_fine_tune(straight, tmp_path, crash_at):
     for (k,a),b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         if a.is_floating_point(): torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=k)
     torch.testing.assert_close(torch.tensor(resumed.recorder.values), torch.tensor(straight.recorder.values), atol=1e-5, rtol=0)
+
+def test_get_preds_is_not_a_fit(tmp_path):
+    "fastai fires `before_fit` in `get_preds`: the checkpoint must not count it as a fit (it would skip the next one on resume)"
+    learn = cls_learner(synth_dls(n=16, bs=8), 'test_resnet', pretrained=False)
+    cb = CheckpointCallback(tmp_path/'ck')
+    learn.add_cb(cb)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3); learn.get_preds(); learn.fit(1, 1e-3)
+    assert cb.fit_no == 1
