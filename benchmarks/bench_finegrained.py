@@ -11,9 +11,9 @@ import argparse, json, time
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
-from fastcls.data import elpv_dls
+from fastcls.data.datasets import elpv_dls
 from fastcls.learner import cls_learner
-from fastcls.wsdan import wsdan_learner
+from fastcls.callback.wsdan import wsdan_learner
 from fastcls.test_utils import synth_dls
 
 def make(kind, dls, arch, seed):

@@ -17,12 +17,12 @@ appended to `--out` as soon as it finishes.
 import argparse, json, time, warnings
 import torch
 from fastai.vision.all import set_seed, accuracy, CrossEntropyLossFlat, vision_learner
-from fastcls.data import elpv_dls, digits_dls
+from fastcls.data.datasets import elpv_dls, digits_dls
 from fastcls.learner import cls_learner
-from fastcls.losses import losses, class_counts
-from fastcls.samplers import samplers
-from fastcls.ltmetrics import class_recall, balanced_acc
-from fastcls.longtail import DRW, bbn_learner, CumulativeLearning
+from fastcls.losses.longtail import losses, class_counts
+from fastcls.data.samplers import samplers
+from fastcls.metrics.longtail import class_recall, balanced_acc
+from fastcls.callback.longtail import DRW, bbn_learner, CumulativeLearning
 
 ARCH = 'resnet18'
 ALL = 'fastai,ce,posthoc_la,tau_norm,tau_norm_val,crt,lws,balanced_softmax,ldam_drw,bbn,logit_adjusted,cb,focal,class_balanced_sampler,sqrt_sampler'

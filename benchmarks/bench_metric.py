@@ -10,8 +10,8 @@ import argparse, time
 import torch
 from fastai.metrics import accuracy
 from fastcls.learner import cls_learner
-from fastcls.data import digits_dls, elpv_dls
-from fastcls.retrieval import retrieval_scores
+from fastcls.data.datasets import digits_dls, elpv_dls
+from fastcls.metrics.retrieval import retrieval_scores
 
 def run(dls, arch, head, epochs, lr, **kw):
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from fastai.vision.all import Learner, CrossEntropyLossFlat, CutMix, MixUp
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from fastcls.learner import cls_learner
-from fastcls.mixup import CutMixUp
+from fastcls.callback.mixup import CutMixUp
 from fastcls.test_utils import synth_dls
 
 def sync(x):

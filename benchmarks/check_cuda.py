@@ -5,7 +5,7 @@
 import torch, timm
 from fastai.vision.all import accuracy
 from fastcls.learner import cls_learner
-from fastcls.attention import attentions, add_attention, blend_params
+from fastcls.layers.attention import attentions, add_attention, blend_params
 from fastcls.test_utils import synth_dls, pretrained_like
 
 assert torch.cuda.is_available(), 'needs a GPU'

@@ -5,25 +5,26 @@ __all__ = []
 
 # %% ../nbs/99_all.ipynb #a12d34ae
 from .core import *
-from .attention import *
+from .layers.attention import *
+from .layers.pooling import *
+from .layers.heads import *
 from .models import *
-from .data import *
+from .losses.longtail import *
+from .losses.metric import *
+from .data.datasets import *
+from .data.check import *
+from .data.augment import *
+from .data.samplers import *
+from .metrics.longtail import *
+from .metrics.retrieval import *
+from .callback.mixup import *
+from .callback.longtail import *
+from .callback.wsdan import *
+from .callback.checkpoint import *
 from .learner import *
-from .augment import *
-from .mixup import *
-from .losses import *
-from .samplers import *
-from .ltmetrics import *
-from .longtail import *
-from .margin import *
-from .metric_losses import *
-from .retrieval import *
-from .pooling import *
-from .wsdan import *
+from .weights import *
 from .interpret import *
 from .distributed import *
-from .checkpoint import *
-from .weights import *
-from .datacheck import *
-import fastcls as _pkg  # modules by attribute: `losses` and `samplers` are also registry names
-__all__ = [n for m in ('core', 'attention', 'models', 'data', 'learner', 'augment', 'mixup', 'losses', 'samplers', 'ltmetrics', 'longtail', 'margin', 'metric_losses', 'retrieval', 'pooling', 'wsdan', 'interpret', 'distributed', 'checkpoint', 'weights', 'datacheck') for n in getattr(_pkg, m).__all__]
+import importlib as _importlib
+_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'learner', 'weights', 'interpret', 'distributed')
+__all__ = [n for m in _modules for n in _importlib.import_module(f'fastcls.{m}').__all__]

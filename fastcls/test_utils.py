@@ -8,7 +8,7 @@ import numpy as np, pandas as pd, torch
 from torch import nn
 from PIL import Image
 from fastai.vision.all import ImageDataLoaders
-from .data import data_home, _write_atomic_dir
+from .data.datasets import data_home, _write_atomic_dir
 
 # %% auto #0
 __all__ = ['synth_df', 'synth_dls', 'pretrained_like']

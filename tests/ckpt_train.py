@@ -3,7 +3,7 @@ import argparse, io, json, os, sys, time
 import torch
 from fastai.vision.all import Callback, set_seed
 from fastcls.learner import cls_learner
-from fastcls.checkpoint import CheckpointCallback
+from fastcls.callback.checkpoint import CheckpointCallback
 from fastcls.test_utils import synth_dls
 
 class Hang(Callback):

@@ -1,6 +1,6 @@
 "Identity-preserving insertion of every registered attention into every supported backbone family."
 import pytest, timm, torch
-from fastcls.attention import attentions, add_attention, attention_modules, attention_params, attention_summary, blend_params, GateBlend
+from fastcls.layers.attention import attentions, add_attention, attention_modules, attention_params, attention_summary, blend_params, GateBlend
 from fastcls.test_utils import pretrained_like
 
 archs = ['resnet18', 'resnet50', 'convnext_atto', 'regnety_002', 'mobilenetv2_035', 'efficientnet_b0']

@@ -3,8 +3,8 @@ import json, subprocess, sys, textwrap
 import numpy as np, pytest, torch
 import albumentations as A
 from fastai.vision.all import PILImage, PILImageBW, Resize, Normalize, imagenet_stats, ImageDataLoaders, TensorImage
-from fastcls.augment import AlbumentationsTransform, aug_presets, presets, TimmAugment, TimmErasing
-from fastcls.mixup import CutMixUp
+from fastcls.data.augment import AlbumentationsTransform, aug_presets, presets, TimmAugment, TimmErasing
+from fastcls.callback.mixup import CutMixUp
 from fastcls.learner import cls_learner
 from fastcls.test_utils import synth_df
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 from fastai.vision.all import Callback, set_seed
 from fastcls.learner import cls_learner
-from fastcls.checkpoint import CheckpointCallback, NonFiniteLossError, write_atomic
+from fastcls.callback.checkpoint import CheckpointCallback, NonFiniteLossError, write_atomic
 from fastcls.test_utils import synth_dls
 
 SCRIPT = Path(__file__).parent/'ckpt_train.py'

@@ -3,7 +3,7 @@ import json, os, shutil, subprocess, sys, importlib.util
 from pathlib import Path
 import pandas as pd, pytest, torch
 from safetensors.torch import load_file
-from fastcls.cli import main, data_df, class_weights, loss_from_name, make_dls, run_config, check_config, UsageError
+from fastcls.cli.core import main, data_df, class_weights, loss_from_name, make_dls, run_config, check_config, UsageError
 from fastcls.test_utils import synth_df
 
 TINY = ['--arch', 'resnet18', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet']
@@ -109,7 +109,7 @@ def test_bad_options(folder, capsys, opt, val, msg):
     rc,err = _err(capsys, 'train', '--data', folder, *TINY, opt, val)
     assert rc == 2 and msg in err, err
 
-@pytest.mark.parametrize('opt,name,module', [('--loss', 'focal_nope', 'fastcls.losses'), ('--sampler', 'balanced_nope', 'fastcls.samplers')])
+@pytest.mark.parametrize('opt,name,module', [('--loss', 'focal_nope', 'fastcls.losses.longtail'), ('--sampler', 'balanced_nope', 'fastcls.data.samplers')])
 def test_registry_options(folder, capsys, opt, name, module):
     "Names from modules that may not be installed: an unknown name lists the valid ones, a missing module is named"
     rc,err = _err(capsys, 'train', '--data', folder, *TINY, opt, name)

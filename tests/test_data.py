@@ -1,6 +1,6 @@
 "The published ELPV split: complete, stratified, and a clear error when an image has no split"
 import pandas as pd, pytest
-import fastcls.data as data
+import fastcls.data.datasets as data
 
 def test_elpv_split_is_complete_and_stratified():
     df = data.elpv_df()

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 from fastai.vision.all import ImageDataLoaders
-from fastcls.datacheck import check_image, check_images, check_image_df, check_image_folder, check_dls
+from fastcls.data.check import check_image, check_images, check_image_df, check_image_folder, check_dls
 
 RGB = (np.random.default_rng(0).random((32, 32, 3))*255).astype(np.uint8)
 

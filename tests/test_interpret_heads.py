@@ -7,7 +7,8 @@ import pytorch_grad_cam as pgc
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from fastcls.interpret import cam_maps, find_cam_layer
 from fastcls.learner import cls_learner
-from fastcls.models import pools, heads
+from fastcls.layers.pooling import pools
+from fastcls.layers.heads import heads
 from fastcls.test_utils import synth_dls, pretrained_like
 
 def corr(a, b):

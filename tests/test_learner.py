@@ -3,7 +3,7 @@ import json, subprocess, sys, textwrap
 import pytest, torch
 from fastai.vision.all import vision_learner, load_learner, PILImage
 from fastcls.learner import cls_learner
-from fastcls.attention import attention_params
+from fastcls.layers.attention import attention_params
 from fastcls.test_utils import synth_dls, synth_df
 
 @pytest.fixture(scope='module')

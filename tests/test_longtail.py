@@ -6,9 +6,9 @@ from torch import nn
 from fastai.callback.core import Callback
 from fastai.learner import load_learner
 from fastcls.learner import cls_learner
-from fastcls.losses import losses, class_counts, cb_weights, LogitAdjust
-from fastcls.ltmetrics import balanced_acc
-from fastcls.longtail import (DRW, bbn_learner, BBNModel, BilateralBlock, CumulativeLearning, bbn_alpha,
+from fastcls.losses.longtail import losses, class_counts, cb_weights, LogitAdjust
+from fastcls.metrics.longtail import balanced_acc
+from fastcls.callback.longtail import (DRW, bbn_learner, BBNModel, BilateralBlock, CumulativeLearning, bbn_alpha,
                               TauNormLinear, LWSLinear, _last_linear)
 from fastcls.test_utils import synth_dls
 

@@ -3,7 +3,7 @@ import pickle
 import numpy as np, pytest, torch, torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 from fastai.losses import FocalLoss
-from fastcls.losses import (losses, class_counts, check_counts, cb_weights, ldam_margins, SoftmaxFocalLoss, SigmoidFocalLoss,
+from fastcls.losses.longtail import (losses, class_counts, check_counts, cb_weights, ldam_margins, SoftmaxFocalLoss, SigmoidFocalLoss,
                             ClassBalancedLoss, LDAMLoss, BalancedSoftmaxLoss, LogitAdjustedLoss, LogitAdjust, logit_adjust)
 from fastcls.test_utils import synth_dls
 
@@ -128,7 +128,7 @@ def test_fastai_interface_and_pickle():
 
 # ---- counts from DataLoaders, registry, bad input ----
 def test_class_counts_elpv():
-    from fastcls.data import elpv_dls, elpv_df
+    from fastcls.data.datasets import elpv_dls, elpv_df
     dls = elpv_dls(size=32, bs=8)
     df = elpv_df(); want = df[~df.is_valid].label.value_counts()
     assert class_counts(dls).tolist() == [int(want[c]) for c in dls.vocab]

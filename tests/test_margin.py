@@ -7,8 +7,8 @@ from fastai.callback.core import Callback
 from fastai.vision.all import PILImage
 from pytorch_metric_learning import losses as pml_losses
 from fastcls.learner import cls_learner
-from fastcls.models import heads
-from fastcls.margin import MarginCrossEntropy, MarginHead, arcface_margin, sphereface_psi, margin_heads
+from fastcls.layers.heads import heads
+from fastcls.layers.heads import MarginCrossEntropy, MarginHead, arcface_margin, sphereface_psi, margin_heads
 from fastcls.test_utils import synth_dls, synth_df
 
 @pytest.fixture(scope='module')
@@ -172,7 +172,7 @@ def test_loss_needs_margin_head():
 
 def test_bnneck_head_plain_ce(dls):
     from fastai.losses import CrossEntropyLossFlat
-    from fastcls.margin import EmbeddingHead, embedding_module
+    from fastcls.layers.heads import EmbeddingHead, embedding_module
     learn = cls_learner(dls, 'resnet18', head='bnneck', embed_dim=24, pretrained=False)
     h = learn.model[1][-1]
     assert isinstance(h, EmbeddingHead) and isinstance(learn.loss_func, CrossEntropyLossFlat)

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses, miners as pml_miners, distances as pml_dist, reducers as pml_red
 from fastai.vision.all import load_learner
 from fastcls.learner import cls_learner
-from fastcls.metric_losses import CenterLoss, TripletLoss, batch_hard_triplet, pk_dls, PMLLoss, CombinedLoss
+from fastcls.losses.metric import CenterLoss, TripletLoss, batch_hard_triplet, PMLLoss, CombinedLoss
+from fastcls.data.samplers import pk_dls
 from fastcls.test_utils import synth_dls
 
 @pytest.fixture(scope='module')

@@ -3,9 +3,9 @@ import pytest, torch, torch.nn.functional as F
 from torch import nn
 from fastai.vision.all import (Learner, Callback, CrossEntropyLossFlat, BCEWithLogitsLossFlat, FocalLossFlat,
                                LabelSmoothingCrossEntropyFlat, accuracy)
-from fastcls.mixup import CutMixUp
+from fastcls.callback.mixup import CutMixUp
 from fastcls.test_utils import synth_dls
-from fastcls.data import digits_dls
+from fastcls.data.datasets import digits_dls
 from fastcls.learner import cls_learner
 
 def gen(seed): return torch.Generator().manual_seed(seed)

@@ -13,9 +13,10 @@ def test_star_import_does_not_shadow_fastai():
 def test_all_exports_every_public_name():
     import importlib, pkgutil, fastcls, fastcls.all as a
     assert {'cls_learner', 'add_attention', 'attentions', 'pools', 'heads'} <= set(a.__all__)
-    not_api = {'all', 'cli', 'report', 'experiments', 'test_utils'}  # the command line and test helpers
-    mods = [m.name for m in pkgutil.iter_modules(fastcls.__path__) if not m.name.startswith('_') and m.name not in not_api]
-    assert len(mods) >= 20
+    not_api = {'all', 'cli', 'compat', 'test_utils'}  # the command line, 0.1's import paths, test helpers
+    mods = [m.name[len('fastcls.'):] for m in pkgutil.walk_packages(fastcls.__path__, 'fastcls.')
+            if not m.ispkg and not m.name.split('.')[-1].startswith('_') and m.name.split('.')[1] not in not_api]
+    assert len(mods) >= 20 and 'layers.heads' in mods
     for m in mods:  # every library module found on disk, not the list all.py was built from
         names = importlib.import_module(f'fastcls.{m}').__all__
         assert set(names) <= set(a.__all__), (m, set(names) - set(a.__all__))
@@ -42,3 +43,22 @@ def test_all_exports_registries_not_same_named_modules():
     from fastcls.core import Registry
     assert isinstance(ns['losses'], Registry) and isinstance(ns['samplers'], Registry)
     assert 'pk' in ns['samplers'].names and 'arcface' in ns['heads'].names and 'gem' in ns['pools'].names
+
+import pytest
+@pytest.mark.parametrize('module,registry,names', [
+    ('fastcls.layers.heads', 'heads', {'fastai', 'linear', 'arcface', 'bnneck', 'normed_linear'}),
+    ('fastcls.layers.pooling', 'pools', {'avg', 'catavgmax', 'gem', 'bilinear', 'bap'}),
+    ('fastcls.data.samplers', 'samplers', {'instance', 'sqrt', 'progressive', 'pk'}),
+    ('fastcls.layers.attention', 'attentions', {'se', 'cbam', 'nl'}),
+    ('fastcls.losses.longtail', 'losses', {'ce', 'focal', 'ldam', 'logit_adjusted'})])
+def test_registry_complete_on_import(module, registry, names):
+    "The module that owns a registry gives all of it, imported alone in a fresh interpreter"
+    code = f"import {module} as m; print(' '.join(m.{registry}.names))"
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
+    assert names <= set(out), names - set(out)
+
+def test_flat_module_paths_of_0_1_still_import():
+    code = ("from fastcls.margin import ArcFaceHead\nfrom fastcls.losses import LDAMLoss, NormedLinear\n"
+            "from fastcls.samplers import samplers\nfrom fastcls.metric_losses import pk_dls\nimport fastcls.layers.heads as h\n"
+            "assert ArcFaceHead is h.ArcFaceHead and NormedLinear is h.NormedLinear and 'pk' in samplers.names")
+    subprocess.run([sys.executable, '-c', code], check=True)

@@ -5,8 +5,8 @@ import numpy as np, pytest, torch
 import torch.nn.functional as F
 from fastai.optimizer import SGD, Adam, OptimWrapper
 from fastai.vision.all import PILImage
-from fastcls.models import pools
-from fastcls.pooling import GeMPool, BilinearPool, BAPool, signed_sqrt
+from fastcls.layers.pooling import pools
+from fastcls.layers.pooling import GeMPool, BilinearPool, BAPool, signed_sqrt
 from fastcls.learner import cls_learner
 from fastcls.test_utils import synth_dls, synth_df
 

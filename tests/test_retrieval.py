@@ -6,7 +6,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from fastai.metrics import accuracy
 from fastcls.learner import cls_learner
-from fastcls.retrieval import recall_at_k, precision_at_1, map_at_r, retrieval_scores, retrieval_metrics, RetrievalMetric
+from fastcls.metrics.retrieval import recall_at_k, precision_at_1, map_at_r, retrieval_scores, retrieval_metrics, RetrievalMetric
 from fastcls.test_utils import synth_dls
 
 @pytest.fixture(scope='module')

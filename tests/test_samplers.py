@@ -3,9 +3,9 @@ import json, subprocess, sys, textwrap
 import pytest
 from fastai.data.core import TfmdDL, torch
 from fastai.distributed import DistributedDL
-from fastcls.samplers import samplers, ClassSamplerDL, class_probs, progressive_probs
-from fastcls.losses import class_counts
-from fastcls.data import digits_dls
+from fastcls.data.samplers import samplers, ClassSamplerDL, class_probs, progressive_probs
+from fastcls.losses.longtail import class_counts
+from fastcls.data.datasets import digits_dls
 from fastcls.test_utils import synth_dls
 
 @pytest.fixture(scope='module')
@@ -98,8 +98,8 @@ def test_shards_agree_across_processes():
     code = textwrap.dedent("""
         import json, sys, torch
         rank = int(sys.argv[1]); torch.manual_seed(100 + rank)
-        from fastcls.samplers import samplers
-        from fastcls.data import digits_dls
+        from fastcls.data.samplers import samplers
+        from fastcls.data.datasets import digits_dls
         dls = digits_dls(size=8, bs=32, imbalance=10)
         dl = samplers['sqrt'](dls, seed=4, num_replicas=2, rank=rank).train
         dl.set_epoch(3)

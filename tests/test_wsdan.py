@@ -4,9 +4,9 @@ import numpy as np, pytest, torch
 import torch.nn.functional as F
 from torch import nn
 from fastai.vision.all import PILImage, CrossEntropyLossFlat
-import fastcls.wsdan as wsdan
-from fastcls.wsdan import WSDAN, wsdan_learner, attention_crop, attention_drop, sample_parts, feature_center_loss
-from fastcls.pooling import BAPool
+import fastcls.callback.wsdan as wsdan
+from fastcls.callback.wsdan import WSDAN, wsdan_learner, attention_crop, attention_drop, sample_parts, feature_center_loss
+from fastcls.layers.pooling import BAPool
 from fastcls.learner import cls_learner
 from fastcls.test_utils import synth_dls, synth_df, pretrained_like
 

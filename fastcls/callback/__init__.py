@@ -1,0 +1,1 @@
+"fastai callbacks: MixUp/CutMix, long-tail training, WS-DAN, checkpoints"

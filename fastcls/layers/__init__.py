@@ -1,0 +1,1 @@
+"Building blocks added to timm backbones: attention, pooling, classifier heads"
