@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from fastcls.cli.core import main, data_df, class_weights, loss_from_name, make_dls, run_config, check_config, UsageError
 from fastcls.test_utils import synth_df
 
-TINY = ['--arch', 'resnet18', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet']
+TINY = ['--arch', 'resnet18', '--pretrained', 'none', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet']
 
 def fastcls(*args, cwd=None):
     "Run the `fastcls` console entry point in a fresh process"
