@@ -34,7 +34,7 @@ def _optional(module:str, attr:str, option:str):
 
 # %% ../../nbs/60_cli.core.ipynb #f5672744
 datasets = Registry('dataset')
-datasets.register('elpv', lambda seed, valid_pct: elpv_df(), aug=True)
+datasets.register('elpv', lambda seed, valid_pct: elpv_df(), aug='dihedral')  # solar cells: label-preserving flips and 90° rotations
 datasets.register('digits', lambda seed, valid_pct: digits_df(valid_pct=valid_pct, seed=seed), aug=False)
 datasets.register('digits_lt', lambda seed, valid_pct: digits_df(imbalance=10, valid_pct=valid_pct, seed=seed), aug=False)
 
@@ -300,13 +300,13 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           attn:str=None, # attention in the residual blocks: se, eca, cbam, coord, ... or none [none]
           pool:str=None, # pooling: avg, max, avgmax, catavgmax [avg]
           head:str=None, # classifier head: fastai, linear, or a margin head when installed [fastai]
-          loss:str=None, # loss: ce, wce (class-weighted ce), or a name from fastcls.losses when installed [wce]
+          loss:str=None, # loss: ce, wce (class-weighted ce), or a name from fastcls.losses when installed [ce]
           mix:str=None, # mixing augmentation: none, mixup, cutmix, cutmixup [none]
           sampler:str=None, # training sampler: none, or a name from fastcls.samplers when installed [none]
-          epochs:int=None, # training epochs [5]
+          epochs:int=None, # training epochs (after one frozen epoch when pretrained) [4]
           lr:float=None, # peak learning rate of the one-cycle schedule [2e-3]
-          size:int=None, # image size in pixels [96]
-          bs:int=None, # batch size [64]
+          size:int=None, # image size in pixels [160]
+          bs:int=None, # batch size [32]
           pretrained:Annotated[str, dict(nargs='?', const='true', metavar='SOURCE')]=None, # weights to fine-tune: a source from `fastcls weights`, a checkpoint file or timm folder, 'hub', or 'none' for random init; bare --pretrained: the arch's installed source, else timm's hub [true]
           seed:int=None, # random seed (split of folders/CSVs without one, initialisation, batches) [42]
           out:str=None, # folder for metrics.json, plots, exported learner and weights [runs/DATA-ARCH]
