@@ -34,7 +34,7 @@ def _optional(module:str, attr:str, option:str):
 
 # %% ../../nbs/60_cli.core.ipynb #f5672744
 datasets = Registry('dataset')
-datasets.register('elpv', lambda seed, valid_pct: elpv_df(), aug='dihedral')  # solar cells: label-preserving flips and 90° rotations
+datasets.register('elpv', lambda seed, valid_pct: elpv_df(), aug=True)  # aug='dihedral' (flips, 90° rotations) is not measured yet
 datasets.register('digits', lambda seed, valid_pct: digits_df(valid_pct=valid_pct, seed=seed), aug=False)
 datasets.register('digits_lt', lambda seed, valid_pct: digits_df(imbalance=10, valid_pct=valid_pct, seed=seed), aug=False)
 
@@ -191,7 +191,7 @@ def sampled_dls(name:str, dls, epochs:int|None=None, seed:int|None=None):
 
 # %% ../../nbs/60_cli.core.ipynb #e401cfe2
 train_defaults = dict(arch='tf_efficientnet_lite0', attn=None, pool='avg', head='fastai', loss='ce', mix='none', sampler='none',
-                      epochs=4, lr=2e-3, size=160, bs=32, pretrained=True, seed=42)  # the default run: see BENCHMARKS.md, "default run"
+                      epochs=4, lr=2e-3, size=128, bs=32, pretrained=True, seed=42)  # the measured pretrained run: BENCHMARKS.md §8
 
 recipes = Registry('recipe')
 recipes.register('baseline', {}, doc='the defaults: class-weighted cross-entropy, no attention, no mixing')
@@ -305,7 +305,7 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           sampler:str=None, # training sampler: none, or a name from fastcls.samplers when installed [none]
           epochs:int=None, # training epochs (after one frozen epoch when pretrained) [4]
           lr:float=None, # peak learning rate of the one-cycle schedule [2e-3]
-          size:int=None, # image size in pixels [160]
+          size:int=None, # image size in pixels [128]
           bs:int=None, # batch size [32]
           pretrained:Annotated[str, dict(nargs='?', const='true', metavar='SOURCE')]=None, # weights to fine-tune: a source from `fastcls weights`, a checkpoint file or timm folder, 'hub', or 'none' for random init; bare --pretrained: the arch's installed source, else timm's hub [true]
           seed:int=None, # random seed (split of folders/CSVs without one, initialisation, batches) [42]
