@@ -14,7 +14,8 @@ min_python = cfg['min_python']
 py_versions = [v for v in '3.10 3.11 3.12 3.13'.split() if Version(v) >= Version(min_python)]
 
 requirements = cfg.get('requirements', '').split()
-extras = {'dev': cfg.get('dev_requirements', '').split(), 'elpv': cfg.get('elpv_requirements', '').split()}
+extras = {'dev': cfg.get('dev_requirements', '').split(), 'elpv': cfg.get('elpv_requirements', '').split(),
+          'weights': cfg.get('weights_requirements', '').split()}
 
 setuptools.setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],

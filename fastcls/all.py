@@ -10,6 +10,7 @@ from .core import *
 from .layers.attention import *
 from .layers.pooling import *
 from .layers.heads import *
+from .pretrained import *
 from .models import *
 from .losses.longtail import *
 from .losses.metric import *
@@ -28,5 +29,5 @@ from .weights import *
 from .interpret import *
 from .distributed import *
 import importlib as _importlib
-_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'learner', 'weights', 'interpret', 'distributed')
+_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'pretrained', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'learner', 'weights', 'interpret', 'distributed')
 __all__ = [n for m in _modules for n in _importlib.import_module(f'fastcls.{m}').__all__]

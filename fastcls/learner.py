@@ -60,7 +60,7 @@ def cls_learner(dls, # fastai `DataLoaders`
                 pool='avg', # pooling by name: 'avg', 'max', 'avgmax', 'catavgmax', 'gem', 'bilinear', 'bap' (see `pools`), or a factory `f(nf)`
                 head:str='fastai', # classifier by name: 'fastai' (fastai's head), 'linear' (see `heads`)
                 loss_func=None, # the head's own loss if it registers one (margin heads), else the loss of `dls`
-                pretrained:bool=True, # load timm's pretrained weights (then freeze the body, as `vision_learner` does)
+                pretrained=True, # True, False, a checkpoint path or a weight source name (`pretrained_timm`); then the body is frozen, as `vision_learner` does
                 n_out:int|None=None, # number of outputs, from `dls` by default
                 metrics=accuracy,
                 normalize:bool=True, # add the pretrained model's normalisation to `dls` (pretrained models only)

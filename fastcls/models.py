@@ -13,6 +13,7 @@ from fastcore.basics import ifnone
 from .layers.pooling import pools
 from .layers.heads import heads
 from .layers.attention import add_attention, attention_params
+from .pretrained import pretrained_timm
 
 # %% auto #0
 __all__ = ['TimmFeatures', 'create_timm_body', 'create_cls_model', 'cls_splitter']
@@ -32,11 +33,12 @@ def _unknown_arch(arch):
     return ValueError(f"Unknown arch {arch!r}.{hint} Any name from timm.list_models() works, or pass a callable returning a model.")
 
 def create_timm_body(arch, # a timm model name, or a callable `(pretrained, **kwargs)` returning a timm-style model
-                     pretrained:bool=True, n_in:int=3, **kwargs) -> TimmFeatures:
+                     pretrained=True, # True, False, a checkpoint path or a weight source name (see `pretrained_timm`)
+                     n_in:int=3, **kwargs) -> TimmFeatures:
     "A `TimmFeatures` for `arch` with its classifier and pooling removed and pretrained weights loaded"
     if isinstance(arch, str):
         if not timm.is_model(arch): raise _unknown_arch(arch)
-        model = timm.create_model(arch, pretrained=pretrained, num_classes=0, global_pool='', in_chans=n_in, **kwargs)
+        model = pretrained_timm(arch, pretrained, num_classes=0, global_pool='', in_chans=n_in, **kwargs)
     elif callable(arch):
         model = arch(pretrained=pretrained, **kwargs)
         if hasattr(model, 'reset_classifier'): model.reset_classifier(0, '')
@@ -55,7 +57,7 @@ def _feature_shape(body, n_in, size=64):
     return f.shape
 
 def create_cls_model(arch, n_out:int, attn=None, attn_where='all', pool='avg', head:str='fastai',
-                     pretrained:bool=True, n_in:int=3, init=nn.init.kaiming_normal_, model_kwargs:dict|None=None,
+                     pretrained=True, n_in:int=3, init=nn.init.kaiming_normal_, model_kwargs:dict|None=None,
                      **head_kwargs) -> nn.Sequential:
     "`nn.Sequential(body, nn.Sequential(pool, classifier))` over timm's `arch`, with `attn` added after loading weights"
     if n_out is None or n_out < 1: raise ValueError(f"n_out must be a positive number of classes, got {n_out}")

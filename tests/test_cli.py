@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from fastcls.cli.core import main, data_df, class_weights, loss_from_name, make_dls, run_config, check_config, UsageError
 from fastcls.test_utils import synth_df
 
-TINY = ['--arch', 'resnet18', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet']
+TINY = ['--arch', 'resnet18', '--pretrained', 'none', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet']
 
 def fastcls(*args, cwd=None):
     "Run the `fastcls` console entry point in a fresh process"
@@ -57,7 +57,7 @@ def test_predict(trained, folder):
     assert r.returncode == 0 and r.stdout.split('\t')[0] == str(imgs[0])
 
 def test_experiments_grid(folder, tmp_path):
-    r = fastcls('experiments', '--grid', 'attn=none,se', '--data', folder, '--out', tmp_path, '--epochs', '1',
+    r = fastcls('experiments', '--grid', 'attn=none,se;pretrained=false', '--arch', 'resnet18', '--data', folder, '--out', tmp_path, '--epochs', '1',
                 '--size', '32', '--bs', '8', '--quiet')
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(tmp_path/'results.csv')

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import sys, os, time, inspect, warnings, importlib, contextlib
 from pathlib import Path
+from typing import Annotated
 import numpy as np, pandas as pd
 from fastcore.script import anno_parser
 from fastai.torch_core import set_seed
@@ -17,8 +18,8 @@ import fastcls.callback.checkpoint  # `Learner.resumable`, for --resume
 # %% auto #0
 __all__ = ['datasets', 'mixes', 'builtin_losses', 'train_defaults', 'recipes', 'commands', 'UsageError', 'random_split',
            'folder_df', 'csv_df', 'check_images', 'data_df', 'make_dls', 'class_weights', 'loss_from_name',
-           'sampled_dls', 'run_config', 'check_config', 'check_out', 'fit', 'summary', 'train', 'load_model', 'predict',
-           'main']
+           'sampled_dls', 'pretrained_value', 'run_config', 'check_config', 'check_out', 'fit', 'summary', 'train',
+           'load_model', 'predict', 'main']
 
 # %% ../../nbs/60_cli.core.ipynb #cfecbef6
 class UsageError(ValueError):
@@ -33,7 +34,7 @@ def _optional(module:str, attr:str, option:str):
 
 # %% ../../nbs/60_cli.core.ipynb #f5672744
 datasets = Registry('dataset')
-datasets.register('elpv', lambda seed, valid_pct: elpv_df(), aug=True)
+datasets.register('elpv', lambda seed, valid_pct: elpv_df(), aug=True)  # aug='dihedral' (flips, 90° rotations) is not measured yet
 datasets.register('digits', lambda seed, valid_pct: digits_df(valid_pct=valid_pct, seed=seed), aug=False)
 datasets.register('digits_lt', lambda seed, valid_pct: digits_df(imbalance=10, valid_pct=valid_pct, seed=seed), aug=False)
 
@@ -129,11 +130,11 @@ def data_df(data:str='elpv', valid_pct:float=0.2, seed:int=42, skip_bad:bool=Fal
     if df.label.nunique() < 2: raise UsageError(f"{data} has a single class ({df.label.iloc[0]}); classification needs two or more")
     return df, True
 
-def make_dls(df:pd.DataFrame, size:int=96, bs:int=64, seed:int=42, aug:bool=True):
-    "fastai `DataLoaders` over `df` (fname,label,is_valid): resized to `size`, `aug_transforms` in training if `aug`"
+def make_dls(df:pd.DataFrame, size:int=96, bs:int=64, seed:int=42, aug=True):
+    "fastai `DataLoaders` over `df` (fname,label,is_valid): resized to `size`, `aug_transforms` in training if `aug` (`'dihedral'`: also vertical flips and 90° rotations)"
     from fastai.vision.all import ImageDataLoaders, Resize, aug_transforms
     return ImageDataLoaders.from_df(df, path='/', fn_col='fname', label_col='label', valid_col='is_valid', bs=bs, seed=seed,
-                                    item_tfms=Resize(size), batch_tfms=aug_transforms() if aug else None)
+                                    item_tfms=Resize(size), batch_tfms=aug_transforms(flip_vert=aug == 'dihedral') if aug else None)
 
 # %% ../../nbs/60_cli.core.ipynb #1af67e6e
 def _cutmixup(kind:str):
@@ -189,8 +190,8 @@ def sampled_dls(name:str, dls, epochs:int|None=None, seed:int|None=None):
     return f(dls, **kw)
 
 # %% ../../nbs/60_cli.core.ipynb #e401cfe2
-train_defaults = dict(arch='resnet18', attn=None, pool='avg', head='fastai', loss='wce', mix='none', sampler='none',
-                      epochs=5, lr=2e-3, size=96, bs=64, pretrained=False, seed=42)
+train_defaults = dict(arch='tf_efficientnet_lite0', attn=None, pool='avg', head='fastai', loss='ce', mix='none', sampler='none',
+                      epochs=4, lr=2e-3, size=128, bs=32, pretrained=True, seed=42)  # the measured pretrained run: BENCHMARKS.md §8
 
 recipes = Registry('recipe')
 recipes.register('baseline', {}, doc='the defaults: class-weighted cross-entropy, no attention, no mixing')
@@ -199,6 +200,11 @@ recipes.register('mixup', dict(mix='mixup'), doc='MixUp (alpha 0.4)')
 recipes.register('cutmix', dict(mix='cutmix'), doc='CutMix (alpha 1)')
 recipes.register('se-mixup', dict(attn='se', mix='mixup'), doc='SE attention and MixUp')
 recipes.register('gem-like', dict(pool='catavgmax'), doc='concatenated average and max pooling')
+
+def pretrained_value(s):
+    "`--pretrained`'s string as `pretrained_timm` takes it: true/yes → `True`, false/no/none → `False`, else the path or source name"
+    if s is None or isinstance(s, bool): return s
+    return {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, 'none': False, '0': False}.get(str(s).lower(), str(s))
 
 def run_config(recipe:str|None=None, **opts) -> dict:
     "`train_defaults`, updated by `recipe`'s options, then by the `opts` that are not `None`"
@@ -229,6 +235,9 @@ def check_config(cfg:dict):
     for k,lo in (('epochs', 1), ('size', 16), ('bs', 1)):
         if cfg[k] < lo: raise UsageError(f"--{k} must be at least {lo}, got {cfg[k]}")
     if not cfg['lr'] > 0: raise UsageError(f"--lr must be positive, got {cfg['lr']}")
+    from fastcls.pretrained import check_pretrained
+    try: check_pretrained(cfg['arch'], cfg['pretrained'])
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e: raise UsageError(f"--pretrained: {e}") from None
 
 # %% ../../nbs/60_cli.core.ipynb #b166f0ec
 def check_out(out) -> Path:
@@ -287,18 +296,18 @@ def summary(res:dict, out=None) -> str:
 
 def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folder of class folders, or a CSV path,label[,is_valid]
           recipe:str=None, # a named set of options (see `recipes`); explicit options override it
-          arch:str=None, # timm model name [resnet18]
+          arch:str=None, # timm model name [tf_efficientnet_lite0]
           attn:str=None, # attention in the residual blocks: se, eca, cbam, coord, ... or none [none]
           pool:str=None, # pooling: avg, max, avgmax, catavgmax [avg]
           head:str=None, # classifier head: fastai, linear, or a margin head when installed [fastai]
-          loss:str=None, # loss: ce, wce (class-weighted ce), or a name from fastcls.losses when installed [wce]
+          loss:str=None, # loss: ce, wce (class-weighted ce), or a name from fastcls.losses when installed [ce]
           mix:str=None, # mixing augmentation: none, mixup, cutmix, cutmixup [none]
           sampler:str=None, # training sampler: none, or a name from fastcls.samplers when installed [none]
-          epochs:int=None, # training epochs [5]
+          epochs:int=None, # training epochs (after one frozen epoch when pretrained) [4]
           lr:float=None, # peak learning rate of the one-cycle schedule [2e-3]
-          size:int=None, # image size in pixels [96]
-          bs:int=None, # batch size [64]
-          pretrained:bool=False, # start from timm's pretrained weights (downloaded or cached) and fine-tune
+          size:int=None, # image size in pixels [128]
+          bs:int=None, # batch size [32]
+          pretrained:Annotated[str, dict(nargs='?', const='true', metavar='SOURCE')]=None, # weights to fine-tune: a source from `fastcls weights`, a checkpoint file or timm folder, 'hub', or 'none' for random init; bare --pretrained: the arch's installed source, else timm's hub [true]
           seed:int=None, # random seed (split of folders/CSVs without one, initialisation, batches) [42]
           out:str=None, # folder for metrics.json, plots, exported learner and weights [runs/DATA-ARCH]
           valid_pct:float=0.2, # validation fraction when a folder or CSV has no split
@@ -308,7 +317,7 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
          ):
     "Train a classifier and write metrics, plots and the model to `out`"
     cfg = run_config(recipe, arch=arch, attn=attn, pool=pool, head=head, loss=loss, mix=mix, sampler=sampler, epochs=epochs,
-                     lr=lr, size=size, bs=bs, pretrained=pretrained or None, seed=seed)
+                     lr=lr, size=size, bs=bs, pretrained=pretrained_value(pretrained), seed=seed)
     if out is None: out = Path('runs')/f"{Path(str(data)).stem}-{cfg['arch']}{'-'+cfg['attn'] if cfg['attn'] else ''}"
     if resume and not (Path(out)/'checkpoints'/'last.pth').is_file(): raise UsageError(f"--resume: no checkpoint in {out}/checkpoints to resume from")
     _,res = fit(cfg, data, out, quiet=quiet, skip_bad=skip_bad, valid_pct=valid_pct, resume=resume)
@@ -348,7 +357,7 @@ def predict(*images:str, # image files
     return res
 
 # %% ../../nbs/60_cli.core.ipynb #a868da2d
-commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments'}
+commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'weights': 'fastcls.cli.weights'}
 
 def _quiet_libraries():
     "Hide library warnings that say nothing to CLI users; show ours as one line"
