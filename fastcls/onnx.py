@@ -103,7 +103,7 @@ class DeployModel(nn.Module):
 @contextlib.contextmanager
 def _module_stack(model):
     "Track the names of the modules of `model` being run (innermost last)"
-    names,stack = {m: n or type(model).__name__ for n,m in model.named_modules()},[]
+    names,stack = {m: n.removeprefix('model.') or type(model).__name__ for n,m in model.named_modules()},[]  # names in `learn.model`
     def _pre(m, i):
         if m in names: stack.append(names[m])
     def _post(m, i, o):
@@ -115,7 +115,7 @@ def _module_stack(model):
 
 def _where(stack, model): 
     nm = stack[-1] if stack else type(model).__name__
-    m = dict(model.named_modules()).get(nm, model)
+    m = dict(model.named_modules()).get(nm if nm == 'model' else f'model.{nm}', model)
     return f"module `{nm}` ({type(m).__name__})"
 
 def _trace(dm, x, f, opset, dynamic_batch):

@@ -51,8 +51,8 @@ def test_predict(trained, folder):
     r = fastcls('predict', '--model', out, *imgs, '--json')
     assert r.returncode == 0, r.stderr
     res = [json.loads(l) for l in r.stdout.strip().splitlines()]
-    assert [Path(o['image']) for o in res] == imgs
-    assert all(o['label'] in ('c0', 'c1', 'c2') and 0 < o['prob'] <= 1 for o in res)
+    assert [Path(o['file']) for o in res] == imgs
+    assert all(o['label'] in ('c0', 'c1', 'c2') and 0 < o['prob'] <= 1 and o['problem'] is None for o in res)
     r = fastcls('predict', '--model', out, imgs[0])
     assert r.returncode == 0 and r.stdout.split('\t')[0] == str(imgs[0])
 

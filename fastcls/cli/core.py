@@ -385,6 +385,7 @@ def _progress(done, total):
 def _predict_torch(model, files, labels, tta, bs, k, quiet):
     "`learn.predict_files` of the learner in `model`, with a progress line on stderr"
     import fastcls.predict  # noqa: F401  (`Learner.predict_files`)
+    import fastai.callback.progress  # noqa: F401  (`Learner.no_bar`)
     from fastai.callback.core import Callback
     learn = load_model(model)
     class _Bar(Callback):
