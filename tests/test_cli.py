@@ -33,7 +33,7 @@ def test_train_writes_report(trained):
     out,r = trained
     assert 'balanced accuracy' in r.stdout and str(out) in r.stdout
     for f in ('metrics.json', 'export.pkl', 'model.safetensors', 'config.json', 'confusion_matrix.png',
-              'per_class_recall.png', 'training_curve.png'):
+              'per_class_recall.png', 'training_curve.png', 'report.html', 'top_losses.png'):
         assert (out/f).stat().st_size > 0, f
     m = json.loads((out/'metrics.json').read_text())
     assert set(m['per_class_recall']) == {'c0', 'c1', 'c2'}
@@ -65,6 +65,7 @@ def test_experiments_grid(folder, tmp_path):
     assert df.Attn.tolist() == ['none', 'se'] and df['Top-1'].between(0, 100).all()
     md = (tmp_path/'results.md').read_text()
     assert '| Backbone | Attn | Loss | Aug | Top-1 | Balanced acc |' in md and md.count('| resnet18 |') == 2
+    assert (tmp_path/'comparison.html').is_file() and (tmp_path/'attn-se'/'report.html').is_file()
     assert not list(tmp_path.glob('*/checkpoints'))  # a grid is not resumable: no checkpoint (3x the model) per run
 
 def test_csv_data(folder, tmp_path):

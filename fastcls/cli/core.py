@@ -435,7 +435,7 @@ def predict(*paths:str, # image files, folders of images, or a CSV with columns 
     return df
 
 # %% ../../nbs/60_cli.core.ipynb #a868da2d
-commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'export': 'fastcls.cli.export'}
+commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'export': 'fastcls.cli.export', 'report': 'fastcls.cli.report'}
 
 def _quiet_libraries():
     "Hide library warnings that say nothing to CLI users; show ours as one line"
