@@ -763,6 +763,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'fastcls.models.create_timm_body': ('models.html#create_timm_body', 'fastcls/models.py')},
             'fastcls.onnx': { 'fastcls.onnx.DeployModel': ('onnx.html#deploymodel', 'fastcls/onnx.py'),
                               'fastcls.onnx.DeployModel.__init__': ('onnx.html#deploymodel.__init__', 'fastcls/onnx.py'),
+                              'fastcls.onnx.DeployModel.close': ('onnx.html#deploymodel.close', 'fastcls/onnx.py'),
                               'fastcls.onnx.DeployModel.forward': ('onnx.html#deploymodel.forward', 'fastcls/onnx.py'),
                               'fastcls.onnx.DeployModel.from_learner': ('onnx.html#deploymodel.from_learner', 'fastcls/onnx.py'),
                               'fastcls.onnx.Learner.export_onnx': ('onnx.html#learner.export_onnx', 'fastcls/onnx.py'),

@@ -74,7 +74,7 @@ class DeployModel(nn.Module):
         if wsdan is not None:
             from fastcls.layers.pooling import BAPool
             bap = [m for m in model.modules() if isinstance(m, BAPool)][0]
-            bap.attn.register_forward_hook(lambda m,i,o: setattr(self, '_A', o))
+            self._hook = bap.attn.register_forward_hook(lambda m,i,o: setattr(self, '_A', o))  # removed by `close`
 
     @classmethod
     def from_learner(cls, learn:Learner, dtype:str='uint8'):
@@ -88,6 +88,10 @@ class DeployModel(nn.Module):
         ws = next((cb for cb in learn.cbs if type(cb).__name__ == 'WSDAN' and cb.test_crop), None)
         return cls(getattr(learn.model, 'module', learn.model), norm[0].mean.flatten() if norm else None,
                    norm[0].std.flatten() if norm else None, div, _act(learn), ws)
+
+    def close(self):
+        "Remove the hook WS-DAN export put on the learner's model"
+        if getattr(self, '_hook', None) is not None: self._hook.remove(); self._hook = None
 
     def forward(self, x):
         x = x.float()
@@ -166,7 +170,7 @@ def export_onnx(self:Learner, path='model.onnx', # the .onnx file; `path` with s
             path.write_bytes(buf.getvalue())
             x = _example(3 if dynamic_batch else 1, n_in, size, dtype, 1)
             ref = dm(x).numpy()
-    finally: self.model.train(was)
+    finally: self.model.train(was); dm.close()
     meta = dict(format=onnx_format, vocab=[str(v) for v in self.dls.vocab], size=list(size), n_in=n_in, dtype=dtype,
                 layout='NCHW', channels='RGB' if n_in == 3 else 'L', dynamic_batch=dynamic_batch, opset=opset,
                 resize=dict(method=str(rsz[0].method), pad_mode=str(rsz[0].pad_mode)) if rsz else None,

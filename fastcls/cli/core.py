@@ -392,12 +392,14 @@ def _predict_torch(model, files, labels, tta, bs, k, quiet):
         order,n = 100,0
         def after_batch(self):
             self.n += len(self.xb[0])
-            if not quiet: _progress(min(self.n, self.total), self.total)
-    n_ok = len(files)
-    bar = _Bar(); bar.total = n_ok * (1 + (len(fastcls.predict._views(tta)) if tta else 0))
+            if not quiet: print(f"\rpredicting {min(self.n, self.total)}/{self.total} images (all passes)", end='', file=sys.stderr, flush=True)
+    bar = _Bar(); bar.total = len(files) * (1 + (len(fastcls.predict._views(tta)) if tta else 0))  # images x passes
     with learn.no_bar(), learn.added_cbs(bar):
-        try: return learn.predict_files(files, tta=tta or False, bs=bs, labels=labels, k=k), learn.dls.vocab
+        try: df = learn.predict_files(files, tta=tta or False, bs=bs, labels=labels, k=k)
         except ValueError as e: raise UsageError(str(e)) from None
+        finally:
+            if not quiet and bar.n: print(file=sys.stderr)
+    return df
 
 def predict(*paths:str, # image files, folders of images, or a CSV with columns path[,label]
             model:str=None, # folder written by `fastcls train --out` (or its export.pkl), or a model.onnx from `fastcls export`
@@ -418,7 +420,7 @@ def predict(*paths:str, # image files, folders of images, or a CSV with columns 
         from fastcls.runtime import OnnxClassifier
         try: df = OnnxClassifier(model).predict_files(files, bs=bs, labels=labels, k=k, progress=None if quiet else _progress)
         except (ValueError, FileNotFoundError, ImportError) as e: raise UsageError(str(e)) from None
-    else: df,_ = _predict_torch(model, files, labels, tta, bs, k, quiet)
+    else: df = _predict_torch(model, files, labels, tta, bs, k, quiet)
     bad = df[df.problem.notna() & df.label.isna()]
     for r in bad.itertuples(): print(f"fastcls predict: cannot predict {r.file}: {r.problem}", file=sys.stderr)
     if out is not None:
