@@ -388,12 +388,13 @@ def _predict_torch(model, files, labels, tta, bs, k, quiet):
     import fastai.callback.progress  # noqa: F401  (`Learner.no_bar`)
     from fastai.callback.core import Callback
     learn = load_model(model)
+    passes = 1 + (len(fastcls.predict._views(tta)) if tta else 0)
     class _Bar(Callback):
         order,n = 100,0
         def after_batch(self):
             self.n += len(self.xb[0])
-            if not quiet: print(f"\rpredicting {min(self.n, self.total)}/{self.total} images (all passes)", end='', file=sys.stderr, flush=True)
-    bar = _Bar(); bar.total = len(files) * (1 + (len(fastcls.predict._views(tta)) if tta else 0))  # images x passes
+            if not quiet: print(f"\rpredicting: {self.n} image passes of up to {len(files)*passes}", end='', file=sys.stderr, flush=True)
+    bar = _Bar()
     with learn.no_bar(), learn.added_cbs(bar):
         try: df = learn.predict_files(files, tta=tta or False, bs=bs, labels=labels, k=k)
         except ValueError as e: raise UsageError(str(e)) from None
@@ -423,11 +424,12 @@ def predict(*paths:str, # image files, folders of images, or a CSV with columns 
     else: df = _predict_torch(model, files, labels, tta, bs, k, quiet)
     bad = df[df.problem.notna() & df.label.isna()]
     for r in bad.itertuples(): print(f"fastcls predict: cannot predict {r.file}: {r.problem}", file=sys.stderr)
+    rows = df.astype(object).where(df.notna(), None).to_dict('records')
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         if Path(out).suffix.lower() == '.csv': df.to_csv(out, index=False)
-        else: Path(out).write_text(df.to_json(orient='records', indent=1))
-    if json: print('\n'.join(df.to_json(orient='records', lines=True).strip().splitlines()))
+        else: Path(out).write_text(_json_mod.dumps(rows, indent=1))
+    if json: print('\n'.join(_json_mod.dumps(r) for r in rows))
     elif out is None:
         for r in df.itertuples(): print(f"{r.file}\t{r.label if r.label is not None else '-'}\t{r.prob:.3f}" if r.label is not None else f"{r.file}\t-\t{r.problem}")
     from fastcls.runtime import label_metrics
