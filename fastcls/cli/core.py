@@ -284,7 +284,7 @@ def summary(res:dict, out=None) -> str:
              f"  balanced accuracy  {res['balanced_accuracy']:.1%}   (chance: {1/len(res['per_class_recall']):.1%})",
              "  per-class recall   " + ', '.join(f'{k}: {v:.1%}' for k,v in res['per_class_recall'].items()),
              f"  training time      {res['wall_seconds']:.0f} s"]
-    if out is not None: lines.append(f"  reports and model  {out}/ (metrics.json, *.png, export.pkl, model.safetensors)")
+    if out is not None: lines.append(f"  reports and model  {out}/ (report.html, metrics.json, *.png, export.pkl, model.safetensors)")
     return '\n'.join(lines)
 
 def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folder of class folders, or a CSV path,label[,is_valid]
