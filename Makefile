@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 .PHONY: env train test check-sync nbtest nbtest-slow pytest clean
 
 env: $(STAMP)
+	@# headless Chromium for the browser test of report.html (tests/test_report.py)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium) || sudo sh -c 'apt-get update -qq && apt-get install -y -qq chromium'
 
 $(STAMP): settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)

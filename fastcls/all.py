@@ -26,8 +26,11 @@ from .callback.wsdan import *
 from .callback.checkpoint import *
 from .learner import *
 from .weights import *
+from .predict import *
+from .onnx import *
+from .runtime import *
 from .interpret import *
 from .distributed import *
 import importlib as _importlib
-_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'pretrained', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'learner', 'weights', 'interpret', 'distributed')
+_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'pretrained', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'learner', 'weights', 'predict', 'onnx', 'runtime', 'interpret', 'distributed')
 __all__ = [n for m in _modules for n in _importlib.import_module(f'fastcls.{m}').__all__]

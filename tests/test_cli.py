@@ -33,7 +33,7 @@ def test_train_writes_report(trained):
     out,r = trained
     assert 'balanced accuracy' in r.stdout and str(out) in r.stdout
     for f in ('metrics.json', 'export.pkl', 'model.safetensors', 'config.json', 'confusion_matrix.png',
-              'per_class_recall.png', 'training_curve.png'):
+              'per_class_recall.png', 'training_curve.png', 'report.html', 'top_losses.png'):
         assert (out/f).stat().st_size > 0, f
     m = json.loads((out/'metrics.json').read_text())
     assert set(m['per_class_recall']) == {'c0', 'c1', 'c2'}
@@ -51,8 +51,8 @@ def test_predict(trained, folder):
     r = fastcls('predict', '--model', out, *imgs, '--json')
     assert r.returncode == 0, r.stderr
     res = [json.loads(l) for l in r.stdout.strip().splitlines()]
-    assert [Path(o['image']) for o in res] == imgs
-    assert all(o['label'] in ('c0', 'c1', 'c2') and 0 < o['prob'] <= 1 for o in res)
+    assert [Path(o['file']) for o in res] == imgs
+    assert all(o['label'] in ('c0', 'c1', 'c2') and 0 < o['prob'] <= 1 and o['problem'] is None for o in res)
     r = fastcls('predict', '--model', out, imgs[0])
     assert r.returncode == 0 and r.stdout.split('\t')[0] == str(imgs[0])
 
@@ -65,6 +65,7 @@ def test_experiments_grid(folder, tmp_path):
     assert df.Attn.tolist() == ['none', 'se'] and df['Top-1'].between(0, 100).all()
     md = (tmp_path/'results.md').read_text()
     assert '| Backbone | Attn | Loss | Aug | Top-1 | Balanced acc |' in md and md.count('| resnet18 |') == 2
+    assert (tmp_path/'comparison.html').is_file() and (tmp_path/'attn-se'/'report.html').is_file()
     assert not list(tmp_path.glob('*/checkpoints'))  # a grid is not resumable: no checkpoint (3x the model) per run
 
 def test_csv_data(folder, tmp_path):

@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Annotated
 import numpy as np, pandas as pd
 from fastcore.script import anno_parser
-from fastai.torch_core import set_seed
 from ..core import Registry
-from ..data.datasets import elpv_df, digits_df
 from .report import write_report, classification_report
-import fastcls.callback.checkpoint  # `Learner.resumable`, for --resume
+import json as _json_mod  # `predict` has a `json` option
 
 # %% auto #0
 __all__ = ['datasets', 'mixes', 'builtin_losses', 'train_defaults', 'recipes', 'commands', 'UsageError', 'random_split',
            'folder_df', 'csv_df', 'check_images', 'data_df', 'make_dls', 'class_weights', 'loss_from_name',
            'sampled_dls', 'pretrained_value', 'run_config', 'check_config', 'check_out', 'fit', 'summary', 'train',
-           'load_model', 'predict', 'main']
+           'load_model', 'predict_inputs', 'predict', 'main']
 
 # %% ../../nbs/60_cli.core.ipynb #cfecbef6
 class UsageError(ValueError):
@@ -33,10 +31,12 @@ def _optional(module:str, attr:str, option:str):
         raise UsageError(f"{option} needs {module}, not installed in this version") from None
 
 # %% ../../nbs/60_cli.core.ipynb #f5672744
+def _ds(): return importlib.import_module('fastcls.data.datasets')  # imported when used: `fastcls predict model.onnx` needs no torch
+
 datasets = Registry('dataset')
-datasets.register('elpv', lambda seed, valid_pct: elpv_df(), aug=True)  # aug='dihedral' (flips, 90° rotations) is not measured yet
-datasets.register('digits', lambda seed, valid_pct: digits_df(valid_pct=valid_pct, seed=seed), aug=False)
-datasets.register('digits_lt', lambda seed, valid_pct: digits_df(imbalance=10, valid_pct=valid_pct, seed=seed), aug=False)
+datasets.register('elpv', lambda seed, valid_pct: _ds().elpv_df(), aug=True)  # aug='dihedral' (flips, 90° rotations) is not measured yet
+datasets.register('digits', lambda seed, valid_pct: _ds().digits_df(valid_pct=valid_pct, seed=seed), aug=False)
+datasets.register('digits_lt', lambda seed, valid_pct: _ds().digits_df(imbalance=10, valid_pct=valid_pct, seed=seed), aug=False)
 
 # %% ../../nbs/60_cli.core.ipynb #e2a5ced5
 def _image_files(folder:Path) -> list:
@@ -252,7 +252,9 @@ def check_out(out) -> Path:
 def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=False, valid_pct:float=0.2,
         export:bool=True, resume:bool=False, checkpoint:bool=True) -> tuple:
     "Train the run `cfg` (see `run_config`) on `data`; write the report to `out` if given; return (learn, results)"
+    from fastai.torch_core import set_seed
     from fastcls.learner import cls_learner
+    import fastcls.callback.checkpoint  # noqa: F401  (`Learner.resumable`, for --resume)
     check_config(cfg)
     df,aug = data_df(data, valid_pct, cfg['seed'], skip_bad)
     if out is not None: out = check_out(out)
@@ -291,7 +293,7 @@ def summary(res:dict, out=None) -> str:
              f"  balanced accuracy  {res['balanced_accuracy']:.1%}   (chance: {1/len(res['per_class_recall']):.1%})",
              "  per-class recall   " + ', '.join(f'{k}: {v:.1%}' for k,v in res['per_class_recall'].items()),
              f"  training time      {res['wall_seconds']:.0f} s"]
-    if out is not None: lines.append(f"  reports and model  {out}/ (metrics.json, *.png, export.pkl, model.safetensors)")
+    if out is not None: lines.append(f"  reports and model  {out}/ (report.html, metrics.json, *.png, export.pkl, model.safetensors)")
     return '\n'.join(lines)
 
 def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folder of class folders, or a CSV path,label[,is_valid]
@@ -325,39 +327,129 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
     return res
 
 # %% ../../nbs/60_cli.core.ipynb #966ec634
+def _versions_now() -> dict:
+    import fastai, timm, torch, fastcls
+    return dict(fastcls=fastcls.__version__, fastai=fastai.__version__, timm=timm.__version__, torch=torch.__version__)
+
+def _version_diff(folder:Path) -> str:
+    "'fastcls 0.1.0 -> 0.2.0, ...': how the versions recorded in the run's metrics.json differ from the installed ones"
+    f = folder/'metrics.json'
+    if not f.is_file(): return ''
+    try: then = _json_mod.loads(f.read_text()).get('versions', {})
+    except ValueError: return ''
+    now = _versions_now()
+    return ', '.join(f"{k} {then[k]} (installed: {now[k]})" for k in now if k in then and str(then[k]) != str(now[k]))
+
 def load_model(model):
-    "The learner exported by `fastcls train` in folder `model` (or the path of its export.pkl)"
+    "The learner in `model`: a `fastcls train` folder (export.pkl, else save_weights' config.json + model.safetensors) or an export.pkl"
     from fastai.learner import load_learner
     p = Path(model)
+    if not p.exists(): raise UsageError(f"--model {model} does not exist")
+    folder = p if p.is_dir() else p.parent
     fn = p/'export.pkl' if p.is_dir() else p
-    if not fn.is_file(): raise UsageError(f"--model {model}: no exported learner (export.pkl) there; train one with fastcls train --out DIR")
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='.*load_learner.*')
-        return load_learner(fn, cpu=True)
+    diff = _version_diff(folder)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*load_learner.*')
+            if fn.is_file(): learn = load_learner(fn, cpu=True)
+            elif (folder/'config.json').is_file() and (folder/'model.safetensors').is_file():
+                from fastcls.weights import load_cls_learner
+                learn = load_cls_learner(folder)
+            else: raise UsageError(f"--model {model}: no exported learner (export.pkl) nor saved weights (config.json, model.safetensors) "
+                                   "there; train one with fastcls train --out DIR")
+    except UsageError: raise
+    except Exception as e:
+        why = f"; the run was made with {diff}" if diff else ''
+        raise UsageError(f"cannot load the model in {model} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){why}") from None
+    if diff: warnings.warn(f"{model} was made with {diff}: predictions may differ from the run's")
+    return learn
 
-def predict(*images:str, # image files
-            model:str=None, # folder written by `fastcls train --out` (or its export.pkl)
-            json:bool=False, # print JSON lines instead of a table
-           ):
-    "Print the predicted class and its probability for each image"
-    if model is None: raise UsageError("give the trained model with --model DIR (the --out folder of fastcls train)")
-    if not images: raise UsageError("give one or more image files after --model DIR")
+_img_exts = {'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm', '.pgm'}
+
+def predict_inputs(paths) -> tuple:
+    "(files, labels or None) of image files, folders (searched recursively) or a CSV with columns path[,label]"
+    files,labels = [],[]
+    for p in map(Path, paths):
+        if p.is_dir():
+            fs = sorted(f for f in p.rglob('*') if f.suffix.lower() in _img_exts and not any(s.startswith('.') for s in f.relative_to(p).parts))
+            if not fs: raise UsageError(f"folder {p} has no images ({', '.join(sorted(_img_exts))})")
+            files += fs; labels += [None]*len(fs)
+        elif p.suffix.lower() == '.csv':
+            if not p.is_file(): raise UsageError(f"CSV {p} does not exist")
+            try: df = pd.read_csv(p)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e: raise UsageError(f"cannot read CSV {p}: {e}") from None
+            if 'path' not in df: raise UsageError(f"CSV {p} needs a column path (and optionally label)")
+            if df.empty: raise UsageError(f"CSV {p} has no rows")
+            files += [Path(f) if Path(f).is_absolute() else p.parent/f for f in df['path'].astype(str)]
+            labels += df['label'].astype(str).tolist() if 'label' in df else [None]*len(df)
+        else: files.append(p); labels.append(None)  # a missing or unreadable file is reported in its row
+    if not files: raise UsageError("give image files, folders or a CSV to predict")
+    known = [l is not None for l in labels]
+    if any(known) and not all(known): raise UsageError("some inputs have labels (a CSV with a label column) and others not: predict them separately")
+    return files, (labels if all(known) else None)
+
+def _progress(done, total):
+    print(f"\rpredicting {done}/{total} images", end='\n' if done == total else '', file=sys.stderr, flush=True)
+
+def _predict_torch(model, files, labels, tta, bs, k, quiet):
+    "`learn.predict_files` of the learner in `model`, with a progress line on stderr"
+    import fastcls.predict  # noqa: F401  (`Learner.predict_files`)
+    import fastai.callback.progress  # noqa: F401  (`Learner.no_bar`)
+    from fastai.callback.core import Callback
     learn = load_model(model)
-    res = []
-    for fn in images:
-        if not Path(fn).is_file(): raise UsageError(f"image {fn} does not exist")
-        try:
-            from fastai.vision.core import PILImage
-            img = PILImage.create(fn)
-        except Exception as e: raise UsageError(f"cannot read image {fn} ({type(e).__name__}: {e})") from None
-        with learn.no_bar(): cls,_,probs = learn.predict(img)
-        res.append(dict(image=str(fn), label=str(cls), prob=float(probs.max())))
-    import json as _json
-    for r in res: print(_json.dumps(r) if json else f"{r['image']}\t{r['label']}\t{r['prob']:.3f}")
-    return res
+    passes = 1 + (len(fastcls.predict._views(tta)) if tta else 0)
+    class _Bar(Callback):
+        order,n = 100,0
+        def after_batch(self):
+            self.n += len(self.xb[0])
+            if not quiet: print(f"\rpredicting: {self.n} image passes of up to {len(files)*passes}", end='', file=sys.stderr, flush=True)
+    bar = _Bar()
+    with learn.no_bar(), learn.added_cbs(bar):
+        try: df = learn.predict_files(files, tta=tta or False, bs=bs, labels=labels, k=k)
+        except ValueError as e: raise UsageError(str(e)) from None
+        finally:
+            if not quiet and bar.n: print(file=sys.stderr)
+    return df
+
+def predict(*paths:str, # image files, folders of images, or a CSV with columns path[,label]
+            model:str=None, # folder written by `fastcls train --out` (or its export.pkl), or a model.onnx from `fastcls export`
+            tta:bool=False, # test-time augmentation: flip and four corner crops (not with .onnx)
+            bs:int=64, # batch size
+            out:str=None, # write the predictions to this .csv or .json file
+            json:bool=False, # print JSON lines instead of a table
+            k:int=3, # classes in the topk column
+            quiet:bool=False, # no progress line
+           ):
+    "Predict images in batches: one row per image (file, label, prob, topk, problem), accuracy when a CSV gives labels"
+    if model is None: raise UsageError("give the trained model with --model DIR (the --out folder of fastcls train) or --model model.onnx")
+    if not paths: raise UsageError("give one or more image files, folders or a CSV after --model DIR")
+    if out is not None and Path(out).suffix.lower() not in ('.csv', '.json'): raise UsageError(f"--out {out}: give a .csv or .json file name")
+    files,labels = predict_inputs(paths)
+    if str(model).endswith('.onnx'):
+        if tta: raise UsageError("--tta runs through the PyTorch model: give the training folder as --model, not the .onnx")
+        from fastcls.runtime import OnnxClassifier
+        try: df = OnnxClassifier(model).predict_files(files, bs=bs, labels=labels, k=k, progress=None if quiet else _progress)
+        except (ValueError, FileNotFoundError, ImportError) as e: raise UsageError(str(e)) from None
+    else: df = _predict_torch(model, files, labels, tta, bs, k, quiet)
+    bad = df[df.problem.notna() & df.label.isna()]
+    for r in bad.itertuples(): print(f"fastcls predict: cannot predict {r.file}: {r.problem}", file=sys.stderr)
+    rows = df.astype(object).where(df.notna(), None).to_dict('records')
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if Path(out).suffix.lower() == '.csv': df.to_csv(out, index=False)
+        else: Path(out).write_text(_json_mod.dumps(rows, indent=1))
+    if json: print('\n'.join(_json_mod.dumps(r) for r in rows))
+    elif out is None:
+        for r in df.itertuples(): print(f"{r.file}\t{r.label if r.label is not None else '-'}\t{r.prob:.3f}" if r.label is not None else f"{r.file}\t-\t{r.problem}")
+    from fastcls.runtime import label_metrics
+    m = label_metrics(df)
+    if m: print(f"accuracy {m['accuracy']:.1%}, balanced accuracy {m['balanced_accuracy']:.1%} on {m['n']} labelled images", file=sys.stderr)
+    if len(bad): print(f"fastcls predict: {len(bad)} of {len(df)} images could not be predicted", file=sys.stderr)
+    return df
 
 # %% ../../nbs/60_cli.core.ipynb #a868da2d
-commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'weights': 'fastcls.cli.weights'}
+commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'weights': 'fastcls.cli.weights',
+            'export': 'fastcls.cli.export', 'report': 'fastcls.cli.report'}
 
 def _quiet_libraries():
     "Hide library warnings that say nothing to CLI users; show ours as one line"

@@ -8,6 +8,7 @@ import itertools, time
 from pathlib import Path
 import pandas as pd
 from .core import UsageError, train_defaults, run_config, check_config, check_out, fit
+from .report import comparison_html
 
 # %% auto #0
 __all__ = ['parse_grid', 'expand_grid', 'load_yaml', 'results_table', 'write_tables', 'experiments']
@@ -114,13 +115,14 @@ def experiments(grid:str=None, # runs as key=v1,v2;key=... (keys: fastcls train 
         check_config(cfg)
         cfgs.append((r, cfg))
     out = check_out(out)
-    results = []
+    results,names = [],[]
     for i,(r,cfg) in enumerate(cfgs):
         name = '_'.join(f'{k}-{v}' for k,v in r.items()) or 'run'
         print(f"[{i+1}/{len(cfgs)}] {' '.join(f'{k}={v}' for k,v in r.items())}", flush=True)
         _,res = fit(cfg, data, out/name, quiet=quiet, skip_bad=skip_bad, export=export, checkpoint=False)  # no resume here: no 3x-model checkpoint per run
-        results.append(dict(res, n_valid=res['config']['n_valid']))
+        results.append(dict(res, n_valid=res['config']['n_valid'])); names.append(name)
         print(f"      top-1 {res['accuracy']:.1%}, balanced {res['balanced_accuracy']:.1%} ({res['wall_seconds']:.0f} s)", flush=True)
         df = write_tables(results, out, f"fastcls experiments on {data}")
-    print(_markdown(df)); print(f"\ntables: {out/'results.md'}, {out/'results.csv'}")
+    page = comparison_html(df.assign(run=names), out)
+    print(_markdown(df)); print(f"\ntables: {out/'results.md'}, {out/'results.csv'}; comparison: {page}")
     return df

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['metrics_from_preds', 'classification_report', 'plot_confusion', 'plot_recall', 'history', 'plot_curve', 'versions',
-           'write_weights', 'write_report']
+__all__ = ['report_figures', 'metrics_from_preds', 'classification_report', 'plot_confusion', 'plot_recall', 'history',
+           'plot_curve', 'versions', 'write_weights', 'write_report', 'report_html', 'report', 'plot_comparison',
+           'comparison_html']
 
 # %% ../../nbs/61_cli.report.ipynb #49f9fa52
 def metrics_from_preds(probs, targs, vocab) -> dict:
@@ -117,12 +118,16 @@ def _gradcam(learn, fname, n:int=9):
     plt.close('all')
     return fname
 
-def write_report(learn, out, config:dict|None=None, wall_seconds:float|None=None, export:bool=True) -> dict:
-    "Evaluate `learn` on its validation set and write metrics.json, plots, exported learner and weights to `out`"
+def write_report(learn, out, config:dict|None=None, wall_seconds:float|None=None, export:bool=True, tta:bool=True) -> dict:
+    "Evaluate `learn` on its validation set and write metrics.json, plots, report.html, exported learner and weights to `out`"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     hist = history(learn.recorder)
-    metrics = classification_report(learn)
+    probs,targs = learn.get_preds()
+    metrics = metrics_from_preds(probs.numpy(), targs.numpy(), learn.dls.vocab)
     res = dict(**metrics, config=dict(config or {}), versions=versions(), wall_seconds=wall_seconds, history=hist)
+    if tta:
+        import fastcls.predict  # noqa: F401  (`Learner.tta_effect`)
+        res['tta'] = learn.tta_effect()
     (out/'metrics.json').write_text(json.dumps(res, indent=2, default=str))
     plot_confusion(metrics, out/'confusion_matrix.png')
     plot_recall(metrics, out/'per_class_recall.png')
@@ -131,4 +136,130 @@ def write_report(learn, out, config:dict|None=None, wall_seconds:float|None=None
         learn.export(out.absolute()/'export.pkl')
         write_weights(learn, out, config)
     _gradcam(learn, out/'gradcam.png')
+    _gradcam_split(learn, out, probs.numpy(), targs.numpy())
+    _top_losses(learn, out/'top_losses.png')
+    report_html(out)
     return res
+
+# %% ../../nbs/61_cli.report.ipynb #28ff92b6
+def _valid_subset_dl(learn, idx):
+    "A labelled `DataLoader` over the validation items at `idx` (validation transforms)"
+    items = learn.dls.valid_ds.items
+    sub = items.iloc[list(idx)] if hasattr(items, 'iloc') else [items[i] for i in idx]
+    return learn.dls.test_dl(sub, with_labels=True)
+
+def _gradcam_split(learn, out, probs, targs, n:int=8) -> dict:
+    "Grad-CAM grids of up to `n` correct and `n` wrong validation predictions (gradcam_correct.png, gradcam_wrong.png)"
+    import fastcls.interpret  # noqa: F401  (`Learner.show_gradcam`)
+    import matplotlib.pyplot as plt
+    right = (np.asarray(probs).argmax(1) == np.asarray(targs))
+    files = {}
+    for nm,mask in (('correct', right), ('wrong', ~right)):
+        idx = np.flatnonzero(mask)[:n]
+        if not len(idx): continue
+        learn.show_gradcam(_valid_subset_dl(learn, idx), n=len(idx), fname=Path(out)/f'gradcam_{nm}.png')
+        plt.close('all'); files[nm] = f'gradcam_{nm}.png'
+    return files
+
+def _top_losses(learn, fname, k:int=9):
+    "fastai's top-losses grid of the validation set"
+    import fastcls.interpret  # noqa: F401
+    import matplotlib.pyplot as plt
+    from fastai.interpret import ClassificationInterpretation
+    interp = ClassificationInterpretation.from_learner(learn)
+    interp.plot_top_losses(min(k, len(learn.dls.valid_ds)), fname=fname)
+    plt.close('all')
+
+# %% ../../nbs/61_cli.report.ipynb #7dab8b02
+_marker = """<script>
+window.addEventListener('load', () => {  // for tests in a headless browser: how many images decoded
+  const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+</script>"""
+
+_css = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.grid{display:flex;flex-wrap:wrap;gap:1em}
+.grid figure{margin:0;flex:1 1 480px}figcaption{color:#555;font-size:90%}"""
+
+def _img(fname, caption:str) -> str:
+    "A <figure> with the PNG `fname` inlined as base64"
+    import base64, html
+    data = base64.b64encode(Path(fname).read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+def _table(rows, head=None) -> str:
+    import html
+    h = ''.join(f'<th>{html.escape(str(c))}</th>' for c in head) if head else ''
+    body = ''.join('<tr>' + ''.join(f'<td>{html.escape(str(c))}</td>' for c in r) + '</tr>' for r in rows)
+    return f"<table>{'<tr>'+h+'</tr>' if h else ''}{body}</table>"
+
+def _page(title:str, body:str) -> str:
+    import html
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<style>{_css}</style></head><body><h1>{html.escape(title)}</h1>{body}{_marker}</body></html>')
+
+report_figures = [('training_curve.png', 'Training curve'), ('confusion_matrix.png', 'Confusion matrix (validation)'),
+                  ('per_class_recall.png', 'Per-class recall'), ('gradcam_correct.png', 'Grad-CAM: correct predictions'),
+                  ('gradcam_wrong.png', 'Grad-CAM: wrong predictions'), ('top_losses.png', 'Top losses (validation)'),
+                  ('gradcam.png', 'Grad-CAM: first validation images')]
+
+def report_html(out) -> Path:
+    "Write `out`/report.html, one self-contained page (images inlined) from the metrics.json and PNGs of a finished run"
+    out = Path(out)
+    if not (out/'metrics.json').is_file(): raise FileNotFoundError(f"{out/'metrics.json'} not found: give the --out folder of a finished fastcls train run")
+    m = json.loads((out/'metrics.json').read_text())
+    c = m.get('config', {})
+    summary = [('accuracy', f"{m['accuracy']:.1%}"), ('balanced accuracy', f"{m['balanced_accuracy']:.1%}"),
+               ('majority-class accuracy', f"{m['majority_accuracy']:.1%}"), ('validation images', m['n_valid'])]
+    if m.get('tta'): summary += [('accuracy with TTA', f"{m['tta']['accuracy_tta']:.1%} ({m['tta']['accuracy_change']:+.1%})"),
+                                 ('balanced accuracy with TTA', f"{m['tta']['balanced_accuracy_tta']:.1%} ({m['tta']['balanced_accuracy_change']:+.1%})")]
+    if m.get('wall_seconds') is not None: summary.append(('training time', f"{m['wall_seconds']:.0f} s"))
+    body = ['<h2>Metrics</h2>', _table(summary, ('metric', 'value')),
+            '<h2>Per-class recall</h2>', _table([(k, f'{v:.1%}', m['support'][k]) for k,v in m['per_class_recall'].items()], ('class', 'recall', 'support')),
+            '<h2>Confusion matrix</h2>', _table([[k, *r] for k,r in zip(m['per_class_recall'], m['confusion_matrix'])], ('actual \\ predicted', *m['per_class_recall']))]
+    if m.get('history'):
+        body += ['<h2>Epochs</h2>', _table([[i+1, *(f'{v:.4f}' for v in h.values())] for i,h in enumerate(m['history'])], ('epoch', *m['history'][0]))]
+    figs = [_img(out/f, cap) for f,cap in report_figures if (out/f).is_file()]
+    body += ['<h2>Plots</h2><div class="grid">', *figs, '</div>',
+             '<h2>Configuration</h2>', _table(sorted(c.items()), ('option', 'value')),
+             '<h2>Versions</h2>', _table(sorted(m.get('versions', {}).items()), ('library', 'version'))]
+    title = f"fastcls run: {c.get('data', out.name)} / {c.get('arch', '')}"
+    (out/'report.html').write_text(_page(title, '\n'.join(body)))
+    return out/'report.html'
+
+def report(run:str, # the --out folder of a finished `fastcls train` run (or of `fastcls experiments`)
+          ):
+    "Rebuild report.html of a finished run from its metrics.json and plots (comparison.html too for an experiments folder)"
+    run = Path(run)
+    if (run/'results.csv').is_file() and not (run/'metrics.json').is_file():
+        import pandas as pd
+        fn = comparison_html(pd.read_csv(run/'results.csv'), run)
+    else: fn = report_html(run)
+    print(f"fastcls report: {fn}")
+    return fn
+
+# %% ../../nbs/61_cli.report.ipynb #d45d7a7f
+def plot_comparison(df, fname):
+    "Bars of top-1 and balanced accuracy per run of a `fastcls experiments` results table"
+    fig,ax = _fig((max(6, 1.2*len(df)), 4))
+    names = [str(r) for r in df['run']] if 'run' in df else [str(i) for i in range(len(df))]
+    x = np.arange(len(df))
+    for j,(col,colr) in enumerate((('Top-1', 'tab:blue'), ('Balanced acc', 'tab:orange'))):
+        ax.bar(x + (j - .5)*0.4, df[col], 0.4, label=col, color=colr)
+    ax.set(xticks=x, ylabel='%', ylim=(0, 100), title='Runs compared (validation)')
+    ax.set_xticklabels(names, rotation=30, ha='right', fontsize=8); ax.legend(fontsize=8)
+    _save(fig, fname)
+
+def comparison_html(df, out) -> Path:
+    "`out`/comparison.html: the results table of `fastcls experiments`, a bar plot, links to each run's report"
+    out = Path(out)
+    plot_comparison(df, out/'comparison.png')
+    rows = df.astype(str).values.tolist()
+    links = ''.join(f'<li><a href="{r}/report.html">{r}</a></li>' for r in df['run']) if 'run' in df else ''
+    body = ['<h2>Results</h2>', _table(rows, list(df.columns)), _img(out/'comparison.png', 'Top-1 and balanced accuracy per run'),
+            f'<h2>Run reports</h2><ul>{links}</ul>' if links else '']
+    (out/'comparison.html').write_text(_page(f"fastcls experiments: {len(df)} runs", '\n'.join(body)))
+    return out/'comparison.html'

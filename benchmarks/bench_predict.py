@@ -1,0 +1,41 @@
+"""Batch prediction (`learn.predict_files`) vs the one-image `learn.predict` loop of the old `fastcls predict`, one process.
+
+Same learner (resnet18 from scratch, as `fastcls train` builds it; 96 px; exported and reloaded with `load_learner`, as
+the CLI does), the 656 ELPV validation images of the published split. Reports seconds and the ratio, and checks that both
+give the same labels. Also times `predict_files(tta=True)` (flip + four corner crops).
+
+    flock /tmp/fastcls-cpu.lock python benchmarks/bench_predict.py [--size 96] [--bs 64] [--n 656]
+"""
+import argparse, time, tempfile, warnings
+from pathlib import Path
+import numpy as np, torch
+from fastai.learner import load_learner
+from fastai.vision.core import PILImage
+from fastcls.cli.core import make_dls
+from fastcls.data.datasets import elpv_df
+from fastcls.learner import cls_learner
+import fastcls.predict  # noqa: F401
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--size', type=int, default=96); p.add_argument('--bs', type=int, default=64); p.add_argument('--n', type=int, default=656)
+    a = p.parse_args()
+    warnings.filterwarnings('ignore')
+    df = elpv_df()
+    learn = cls_learner(make_dls(df, a.size, a.bs), 'resnet18', pretrained=False)
+    d = Path(tempfile.mkdtemp()); learn.export(d/'export.pkl')
+    learn = load_learner(d/'export.pkl', cpu=True)
+    files = df.fname[df.is_valid].tolist()[:a.n]
+    print(f"{len(files)} ELPV validation images, resnet18 at {a.size} px, torch threads {torch.get_num_threads()}")
+    with learn.no_bar():
+        learn.predict(PILImage.create(files[0])); learn.predict_files(files[:a.bs], bs=a.bs)  # warm-up
+        t = time.perf_counter(); loop = [str(learn.predict(PILImage.create(f))[0]) for f in files]; t_loop = time.perf_counter() - t
+        t = time.perf_counter(); res = learn.predict_files(files, bs=a.bs); t_batch = time.perf_counter() - t
+        t = time.perf_counter(); learn.predict_files(files, bs=a.bs, tta=True); t_tta = time.perf_counter() - t
+    same = float(np.mean(np.array(loop) == res.label.values))
+    print(f"one-image loop (old fastcls predict) : {t_loop:7.2f} s  ({len(files)/t_loop:6.1f} img/s)")
+    print(f"predict_files bs={a.bs:<3}               : {t_batch:7.2f} s  ({len(files)/t_batch:6.1f} img/s)  speed-up {t_loop/t_batch:.1f}x")
+    print(f"predict_files tta=True (6 passes)    : {t_tta:7.2f} s  ({t_tta/t_batch:.1f}x the plain batch run)")
+    print(f"same labels: {same:.1%}")
+
+if __name__ == '__main__': main()
