@@ -340,6 +340,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'fastcls.cli.core.class_weights': ('cli.core.html#class_weights', 'fastcls/cli/core.py'),
                                   'fastcls.cli.core.csv_df': ('cli.core.html#csv_df', 'fastcls/cli/core.py'),
                                   'fastcls.cli.core.data_df': ('cli.core.html#data_df', 'fastcls/cli/core.py'),
+                                  'fastcls.cli.core.distill_cbs': ('cli.core.html#distill_cbs', 'fastcls/cli/core.py'),
                                   'fastcls.cli.core.fit': ('cli.core.html#fit', 'fastcls/cli/core.py'),
                                   'fastcls.cli.core.folder_df': ('cli.core.html#folder_df', 'fastcls/cli/core.py'),
                                   'fastcls.cli.core.load_model': ('cli.core.html#load_model', 'fastcls/cli/core.py'),

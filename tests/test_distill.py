@@ -110,3 +110,22 @@ def test_fitnet_regressors_in_checkpoint(tmp_path):
     with learn.no_bar(), learn.no_logging(), learn.resumable(tmp_path/'ck'): learn.fit(1, 1e-3, cbs=cb)
     st = torch.load(tmp_path/'ck'/'last.pth', weights_only=True)
     torch.testing.assert_close(st['cbs']['kd']['regressors']['0.weight'], cb.regressors[0].weight.detach())
+
+def test_cli_teacher_kd_ema(tmp_path, capsys):
+    "fastcls train --teacher RUN --kd 0.9 --ema: the teacher run's export is distilled, the EMA model is reported and exported"
+    import json, shutil
+    from fastcls.cli import main
+    from fastcls.test_utils import synth_df
+    root = tmp_path/'imgs'
+    src = synth_df(n=24, size=32, n_classes=3)
+    for f, l in zip(src.fname, src.label): (root/l).mkdir(parents=True, exist_ok=True); shutil.copy(f, root/l)
+    tiny = ['--arch', 'test_resnet', '--epochs', '1', '--size', '32', '--bs', '8', '--quiet']
+    assert main(['train', '--data', str(root), '--out', str(tmp_path/'big'), *tiny]) == 0
+    assert main(['train', '--data', str(root), '--out', str(tmp_path/'small'), '--teacher', str(tmp_path/'big'), '--kd', '0.8', '--ema', *tiny]) == 0
+    m = json.loads((tmp_path/'small'/'metrics.json').read_text())
+    assert m['config']['teacher'] == str(tmp_path/'big') and m['config']['kd'] == 0.8 and m['config']['ema']
+    capsys.readouterr()
+    assert main(['train', '--data', str(root), '--teacher', str(tmp_path/'nope'), *tiny]) == 2
+    assert 'neither a folder' in capsys.readouterr().err
+    assert main(['train', '--data', str(root), '--teacher', str(tmp_path/'big'), '--kd', '1.5', *tiny]) == 2
+    assert '[0, 1]' in capsys.readouterr().err
