@@ -48,7 +48,7 @@ def lite0_state(model):
     return out
 
 def scores(learn):
-    p,y = learn.get_preds(dl=learn.dls.valid)
+    with learn.no_bar(): p,y = learn.get_preds(dl=learn.dls.valid)
     return dict(top1=round(100*float((p.argmax(1) == y).float().mean()), 1), balanced=round(100*float(balanced_acc(p, y)), 1))
 
 def teacher(a):
@@ -86,8 +86,9 @@ def run(a, arch, row, t):
     elif row == 'cutmix': cbs = [CutMixUp(cutmix_alpha=1., switch_prob=1.)]
     learn = cls_learner(dls, arch, pretrained=False, metrics=accuracy, loss_func=loss)
     if row == 'at': cbs = [KDCallback(t, alpha=.5, loss={'at': 2000.}, layers=[(stage(learn.model, 16), stage(t.model, 32))])]
+    learn.add_cbs(cbs)  # kept after the fit: `ema_weights` needs the EMA callback
     start = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.epochs, a.lr, cbs=cbs)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.epochs, a.lr)
     wall = round(time.time() - start, 1)
     if row == 'ema':
         with learn.ema_weights(): sc = scores(learn)
@@ -130,7 +131,7 @@ def step_times(a, arch, t, n=24):
         learn = cls_learner(student_dls(a), arch, pretrained=False)
         tm = StepTimer(n)
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[c for c in (cb, tm) if c is not None])
-        out[nm] = round(statistics.median(tm.steps[4:]), 4)
+        out[nm] = round(statistics.median(tm.steps[4:] or tm.steps), 4)
         if nm == 'kd_cached': out['cache_fill_s'] = round(tm.setup, 1)
         if nm == 'ema': out['ema_update_pct'] = round(100*cb.t/len(tm.steps)/out['alone'], 2)
     out.update(cached_ratio=round(out['kd_cached']/out['alone'], 2), live_ratio=round(out['kd_live']/out['alone'], 2),

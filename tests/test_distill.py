@@ -125,7 +125,7 @@ def test_cli_teacher_kd_ema(tmp_path, capsys):
     m = json.loads((tmp_path/'small'/'metrics.json').read_text())
     assert m['config']['teacher'] == str(tmp_path/'big') and m['config']['kd'] == 0.8 and m['config']['ema']
     capsys.readouterr()
-    assert main(['train', '--data', str(root), '--teacher', str(tmp_path/'nope'), *tiny]) == 2
+    assert main(['train', '--data', str(root), '--out', str(tmp_path/'bad'), '--teacher', str(tmp_path/'nope'), *tiny]) == 2
     assert 'neither a folder' in capsys.readouterr().err
-    assert main(['train', '--data', str(root), '--teacher', str(tmp_path/'big'), '--kd', '1.5', *tiny]) == 2
+    assert main(['train', '--data', str(root), '--out', str(tmp_path/'bad'), '--teacher', str(tmp_path/'big'), '--kd', '1.5', *tiny]) == 2
     assert '[0, 1]' in capsys.readouterr().err
