@@ -127,8 +127,7 @@ class _BatchIdxs:
     def _start_epoch(self): self._ib = 0
     def _next_batch(self): self._ib += 1
     def batch_idxs(self):
-        dl = self.learn.dl
-        dl = getattr(dl, 'dl', dl)  # DistributedDL wraps the loader
+        dl = self.learn.dl  # under DDP a DistributedDL: its own index list is this rank's share of the items
         idxs = getattr(dl, '_DataLoader__idxs', None)
         if idxs is None: raise RuntimeError("the training loader has not started iterating")
         bs = dl.bs
