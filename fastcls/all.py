@@ -23,10 +23,13 @@ from .callback.mixup import *
 from .callback.longtail import *
 from .callback.wsdan import *
 from .callback.checkpoint import *
+from .ssl.data import *
+from .ssl.methods import *
+from .ssl.learner import *
 from .learner import *
 from .weights import *
 from .interpret import *
 from .distributed import *
 import importlib as _importlib
-_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'learner', 'weights', 'interpret', 'distributed')
+_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'ssl.data', 'ssl.methods', 'ssl.learner', 'learner', 'weights', 'interpret', 'distributed')
 __all__ = [n for m in _modules for n in _importlib.import_module(f'fastcls.{m}').__all__]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys, os, time, inspect, warnings, importlib, contextlib
 from pathlib import Path
 import numpy as np, pandas as pd
+from typing import Annotated
 from fastcore.script import anno_parser
 from fastai.torch_core import set_seed
 from ..core import Registry
@@ -285,6 +286,14 @@ def summary(res:dict, out=None) -> str:
     if out is not None: lines.append(f"  reports and model  {out}/ (metrics.json, *.png, export.pkl, model.safetensors)")
     return '\n'.join(lines)
 
+def _pretrained_arg(p):
+    "`--pretrained`: False (absent), True (alone: timm's weights) or the folder of a `fastcls pretrain` encoder"
+    if p is None or p is False: return False
+    if p is True or str(p).lower() in ('timm', 'true', 'imagenet'): return True
+    from fastcls.ssl.learner import is_ssl_source
+    if not is_ssl_source(p): raise UsageError(f"--pretrained {p}: not a folder written by `fastcls pretrain` (no ssl_config.json there)")
+    return str(p)
+
 def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folder of class folders, or a CSV path,label[,is_valid]
           recipe:str=None, # a named set of options (see `recipes`); explicit options override it
           arch:str=None, # timm model name [resnet18]
@@ -298,7 +307,8 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           lr:float=None, # peak learning rate of the one-cycle schedule [2e-3]
           size:int=None, # image size in pixels [96]
           bs:int=None, # batch size [64]
-          pretrained:bool=False, # start from timm's pretrained weights (downloaded or cached) and fine-tune
+          pretrained:Annotated[str, "start from pretrained weights and fine-tune: alone, timm's (downloaded or cached); with a folder, "
+                                    "the encoder written by `fastcls pretrain`", dict(nargs='?', const='timm')]=None,
           seed:int=None, # random seed (split of folders/CSVs without one, initialisation, batches) [42]
           out:str=None, # folder for metrics.json, plots, exported learner and weights [runs/DATA-ARCH]
           valid_pct:float=0.2, # validation fraction when a folder or CSV has no split
@@ -307,6 +317,7 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           resume:bool=False, # continue a run cut off in `out` from its last checkpoint (give the same options)
          ):
     "Train a classifier and write metrics, plots and the model to `out`"
+    pretrained = _pretrained_arg(pretrained)
     cfg = run_config(recipe, arch=arch, attn=attn, pool=pool, head=head, loss=loss, mix=mix, sampler=sampler, epochs=epochs,
                      lr=lr, size=size, bs=bs, pretrained=pretrained or None, seed=seed)
     if out is None: out = Path('runs')/f"{Path(str(data)).stem}-{cfg['arch']}{'-'+cfg['attn'] if cfg['attn'] else ''}"
@@ -348,7 +359,7 @@ def predict(*images:str, # image files
     return res
 
 # %% ../../nbs/60_cli.core.ipynb #a868da2d
-commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments'}
+commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'pretrain': 'fastcls.cli.pretrain'}
 
 def _quiet_libraries():
     "Hide library warnings that say nothing to CLI users; show ours as one line"
