@@ -163,3 +163,16 @@ def test_cli_pretrain_then_train(tmp_path):
     assert r[0] == 2 and "pretrained as 'test_resnet'" in r[1] and 'Traceback' not in r[1]
     r = _cli('pretrain', '--data', 'data', '--method', 'swav', '--out', 'runs/y', cwd=tmp_path)
     assert r[0] == 2 and 'simclr' in r[1]
+
+def test_queue_and_center_across_ranks(tmp_path):
+    "Under DDP every rank enqueues the keys of all ranks and centres on the mean over all ranks' batches"
+    import socket, torch.multiprocessing as mp
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ssl_ranks import ranks  # a small module: each spawned process imports only it
+    mp.spawn(ranks, args=(2, port, tmp_path), nprocs=2)
+    r0,r1 = torch.load(tmp_path/'0.pt'),torch.load(tmp_path/'1.pt')
+    ts = torch.cat([torch.arange(12.).view(2, 3, 2) + 100*r for r in range(2)], 1)
+    for r in (r0, r1):
+        torch.testing.assert_close(r['center'], 0.5*ts.mean((0, 1)).view(1, 1, 2))
+        torch.testing.assert_close(r['queue'][:6], ts[0]); assert int(r['ptr']) == 6
