@@ -1,7 +1,8 @@
 """Self-supervised pretraining (issue 16): k-NN accuracy per SSL epoch per method, then fine-tuning vs training from scratch.
 
-    flock /tmp/fastcls-cpu.lock python benchmarks/bench_ssl.py --data elpv --out benchmarks/ssl/elpv.jsonl
-    flock /tmp/fastcls-cpu.lock python benchmarks/bench_ssl.py --data digits10 --size 32 --out benchmarks/ssl/digits10.jsonl
+    flock /tmp/fastcls-cpu.lock python benchmarks/bench_ssl.py --data elpv --size 32 --ssl-epochs 2 --ft-epochs 2 --methods scratch,simclr,byol --out benchmarks/ssl/elpv.jsonl
+    flock /tmp/fastcls-cpu.lock python benchmarks/bench_ssl.py --data digits10 --size 32 --ssl-epochs 2 --ft-epochs 2 --methods scratch,simclr,byol --out benchmarks/ssl/digits10.jsonl
+    (all methods: --methods scratch,simclr,mocov2,byol,simsiam,dino; more epochs: --ssl-epochs/--ft-epochs)
     python benchmarks/bench_ssl.py --table benchmarks/ssl/*.jsonl
 
 ELPV: the published split; pretraining sees the training images only, without their labels (`ssl_dls` of the labelled
