@@ -26,6 +26,9 @@ from .callback.wsdan import *
 from .callback.checkpoint import *
 from .callback.distill import *
 from .callback.ema import *
+from .ssl.data import *
+from .ssl.methods import *
+from .ssl.learner import *
 from .learner import *
 from .weights import *
 from .predict import *
@@ -34,5 +37,5 @@ from .runtime import *
 from .interpret import *
 from .distributed import *
 import importlib as _importlib
-_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'pretrained', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'callback.distill', 'callback.ema', 'learner', 'weights', 'predict', 'onnx', 'runtime', 'interpret', 'distributed')
+_modules = ('core', 'layers.attention', 'layers.pooling', 'layers.heads', 'pretrained', 'models', 'losses.longtail', 'losses.metric', 'data.datasets', 'data.check', 'data.augment', 'data.samplers', 'metrics.longtail', 'metrics.retrieval', 'callback.mixup', 'callback.longtail', 'callback.wsdan', 'callback.checkpoint', 'callback.distill', 'callback.ema', 'ssl.data', 'ssl.methods', 'ssl.learner', 'learner', 'weights', 'predict', 'onnx', 'runtime', 'interpret', 'distributed')
 __all__ = [n for m in _modules for n in _importlib.import_module(f'fastcls.{m}').__all__]

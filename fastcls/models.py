@@ -32,10 +32,21 @@ def _unknown_arch(arch):
     hint = f" Closest timm names: {', '.join(close)}." if close else ''
     return ValueError(f"Unknown arch {arch!r}.{hint} Any name from timm.list_models() works, or pass a callable returning a model.")
 
+def _is_ssl(src):
+    "Whether `pretrained` is a self-supervised result (`ssl_learner` or `save_encoder` folder): see `fastcls.ssl.learner`"
+    if isinstance(src, bool) or src is None: return False
+    from fastcls.ssl.learner import is_ssl_source  # imported here: fastcls.ssl builds on this module
+    return is_ssl_source(src)
+
+def _ssl_body(arch, src, n_in, **kwargs):
+    from fastcls.ssl.learner import ssl_body
+    return ssl_body(arch, src, n_in=n_in, **kwargs)
+
 def create_timm_body(arch, # a timm model name, or a callable `(pretrained, **kwargs)` returning a timm-style model
                      pretrained=True, # True, False, a checkpoint path or a weight source name (see `pretrained_timm`)
                      n_in:int=3, **kwargs) -> TimmFeatures:
     "A `TimmFeatures` for `arch` with its classifier and pooling removed and pretrained weights loaded"
+    if _is_ssl(pretrained): return _ssl_body(arch, pretrained, n_in, **kwargs)
     if isinstance(arch, str):
         if not timm.is_model(arch): raise _unknown_arch(arch)
         model = pretrained_timm(arch, pretrained, num_classes=0, global_pool='', in_chans=n_in, **kwargs)

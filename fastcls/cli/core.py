@@ -8,6 +8,7 @@ import sys, os, time, inspect, warnings, importlib, contextlib
 from pathlib import Path
 from typing import Annotated
 import numpy as np, pandas as pd
+from typing import Annotated
 from fastcore.script import anno_parser
 from ..core import Registry
 from .report import write_report, classification_report
@@ -329,7 +330,7 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           lr:float=None, # peak learning rate of the one-cycle schedule [2e-3]
           size:int=None, # image size in pixels [128]
           bs:int=None, # batch size [32]
-          pretrained:Annotated[str, dict(nargs='?', const='true', metavar='SOURCE')]=None, # weights to fine-tune: a source from `fastcls weights`, a checkpoint file or timm folder, 'hub', or 'none' for random init; bare --pretrained: the arch's installed source, else timm's hub [true]
+          pretrained:Annotated[str, dict(nargs='?', const='true', metavar='SOURCE')]=None, # weights to fine-tune: a source from `fastcls weights`, a checkpoint file or timm folder, the encoder folder written by `fastcls pretrain`, 'hub', or 'none' for random init; bare --pretrained: the arch's installed source, else timm's hub [true]
           seed:int=None, # random seed (split of folders/CSVs without one, initialisation, batches) [42]
           out:str=None, # folder for metrics.json, plots, exported learner and weights [runs/DATA-ARCH]
           valid_pct:float=0.2, # validation fraction when a folder or CSV has no split
@@ -472,7 +473,7 @@ def predict(*paths:str, # image files, folders of images, or a CSV with columns 
 
 # %% ../../nbs/60_cli.core.ipynb #a868da2d
 commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'weights': 'fastcls.cli.weights',
-            'export': 'fastcls.cli.export', 'report': 'fastcls.cli.report'}
+            'export': 'fastcls.cli.export', 'report': 'fastcls.cli.report', 'pretrain': 'fastcls.cli.pretrain'}
 
 def _quiet_libraries():
     "Hide library warnings that say nothing to CLI users; show ours as one line"
