@@ -4,7 +4,6 @@
 
 # %% ../../nbs/22_callback.wsdan.ipynb #f8bfc9a4
 from __future__ import annotations
-from functools import partial
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
@@ -148,4 +147,6 @@ def wsdan_learner(dls, # fastai `DataLoaders`
     "A `cls_learner` with bilinear attention pooling (`M` maps) and the `WSDAN` callback"
     cb = WSDAN(crop_theta=crop_theta, drop_theta=drop_theta, center_weight=center_weight, test_crop=test_crop, seed=seed)
     if not isinstance(M, int) or M < 1: raise ValueError(f"M (number of attention maps) must be a positive integer, got {M!r}")
-    return cls_learner(dls, arch, pool=partial(BAPool, M=M), head=head, cbs=L(cbs) + [cb], **kwargs)
+    learn = cls_learner(dls, arch, pool='bap', pool_kwargs=dict(M=M), head=head, kind='wsdan', cbs=L(cbs) + [cb], **kwargs)
+    learn.model_config.kind_kwargs = dict(test_theta=cb.test_theta, test_pad=cb.test_pad, test_crop=cb.test_crop)
+    return learn

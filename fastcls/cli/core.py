@@ -317,17 +317,20 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
 
 # %% ../../nbs/60_cli.core.ipynb #966ec634
 def load_model(model):
-    "The learner exported by `fastcls train` in folder `model` (or the path of its export.pkl)"
+    "The learner in folder `model`: its `save_weights` files (config.json, model.safetensors; no unpickling), else its export.pkl"
     from fastai.learner import load_learner
     p = Path(model)
+    if p.is_dir() and (p/'config.json').is_file() and (p/'model.safetensors').is_file():
+        from fastcls.weights import load_cls_learner
+        return load_cls_learner(p)
     fn = p/'export.pkl' if p.is_dir() else p
-    if not fn.is_file(): raise UsageError(f"--model {model}: no exported learner (export.pkl) there; train one with fastcls train --out DIR")
+    if not fn.is_file(): raise UsageError(f"--model {model}: no saved model (config.json + model.safetensors, or export.pkl) there; train one with fastcls train --out DIR")
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*load_learner.*')
         return load_learner(fn, cpu=True)
 
 def predict(*images:str, # image files
-            model:str=None, # folder written by `fastcls train --out` (or its export.pkl)
+            model:str=None, # folder written by `fastcls train --out` or `learn.save_weights` (or an export.pkl)
             json:bool=False, # print JSON lines instead of a table
            ):
     "Print the predicted class and its probability for each image"
