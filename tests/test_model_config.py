@@ -1,5 +1,6 @@
 """One model description from build to reload: every learner kind saved with `save_weights` predicts the same in a fresh
-process with pickle disabled, through `load_cls_learner` and through `fastcls predict`."""
+process with pickle disabled, through `load_cls_learner`, and through `fastcls predict` for every kind but the
+plain pool and head variants (two of those)."""
 import json, subprocess, sys, textwrap
 import pytest, torch
 from fastai.vision.all import Normalize, Resize, imagenet_stats
@@ -62,6 +63,7 @@ def _fresh(code):
 def test_round_trip_fresh_process_no_pickle(saved):
     res,files = saved
     dirs = {nm: str(d) for nm,(_,d,_) in res.items()}
+    cli = [nm for nm in dirs if not nm.startswith(('pool_', 'head_'))] + ['pool_bap', 'head_arcface']  # `fastcls predict` too
     there = _fresh(f"""
         import io, json, pickle, contextlib, torch
         def _no(*a, **k): raise AssertionError('unpickling attempted')
@@ -72,14 +74,17 @@ def test_round_trip_fresh_process_no_pickle(saved):
         for nm,d in {dirs!r}.items():
             learn = load_cls_learner(d)
             with learn.no_bar(): probs = [learn.predict(f)[2].tolist() for f in {files!r}]
+            out[nm] = dict(probs=probs)
+            if nm not in {cli!r}: continue
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf): rc = main(['predict', *{files!r}, '--model', d, '--json'])
-            out[nm] = dict(probs=probs, rc=rc, cli=[json.loads(l) for l in buf.getvalue().splitlines() if l.startswith('{{')])
+            out[nm].update(rc=rc, cli=[json.loads(l) for l in buf.getvalue().splitlines() if l.startswith('{{')])
         print(json.dumps(out))
     """)
     for nm,(learn,d,here) in res.items():
         t = there[nm]
         assert torch.allclose(torch.tensor(here), torch.tensor(t['probs']), atol=1e-5), nm
+        if 'cli' not in t: continue
         assert t['rc'] == 0 and len(t['cli']) == len(files), nm
         for p,r in zip(here, t['cli']):
             assert r['label'] == str(learn.dls.vocab[int(torch.tensor(p).argmax())]) and r['prob'] == pytest.approx(max(p), abs=1e-5), nm
