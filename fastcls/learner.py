@@ -41,6 +41,8 @@ class ClsLearner(Learner):
     def _step(self):
         super()._step()
         self.n_steps += 1
+        for m in self.model.modules():
+            if hasattr(m, 'on_step'): m.on_step()  # schedules that count optimizer steps (SphereFace's λ)
     def create_opt(self):
         super().create_opt()
         for p in attention_params(self.model): self.opt.state[p]['force_train'] = True

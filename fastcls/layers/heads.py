@@ -164,8 +164,8 @@ class SphereFaceHead(MarginHead):
         "λ now: fixed `lam`, or the annealed value at iteration `it`"
         if self.lam is not None: return self.lam
         return max(self.lam_min, self.base * (1 + self.gamma*int(self.it))**(-self.power))
+    def on_step(self): self.it += 1  # called by `ClsLearner` after each optimizer step
     def margin_logits(self, logits, targ):
-        if torch.is_grad_enabled(): self.it += 1
         lam,cos_y = self.current_lambda(),self.cosine(logits).gather(1, targ[:, None])[:, 0]
         return self._with_target(logits, targ, (sphereface_psi(cos_y, self.margin) + lam*cos_y) / (1 + lam))
 
