@@ -21,7 +21,8 @@ from .core import Registry
 from .models import TimmFeatures
 
 # %% auto #0
-__all__ = ['cam_methods', 'gradcam_map', 'gradcampp_map', 'layercam_map', 'cam_map', 'find_cam_layer', 'cam_maps']
+__all__ = ['cam_methods', 'gradcam_map', 'gradcampp_map', 'layercam_map', 'cam_map', 'find_cam_layer', 'cam_maps',
+           'ClsInterpretation']
 
 # %% ../nbs/40_interpret.ipynb #e7314d2c
 cam_methods = Registry('CAM method')
@@ -264,6 +265,8 @@ def cam(self:Learner, x, # a batch or image tensor, a `DataLoader`, or items for
         if tb is not None and tb.numel() == 1: tb = tb.expand(len(xb))
         if tb is not None and len(tb) != len(xb): raise ValueError(f"got {len(t)} targets for {len(xb)} images")
         res.append(cam_maps(self.model, xb.to(dev), tb, layer, method, **kwargs))
+    n = sum(len(r[0]) for r in res)
+    if t is not None and t.numel() not in (1, n): raise ValueError(f"got {t.numel()} targets for {n} images: give one, or one per image")
     maps,out = (torch.cat(o) for o in zip(*res))
     return (maps, out) if with_preds else maps
 
@@ -315,26 +318,25 @@ def show_gradcam(self:Learner, items_or_dl=None, # a `DataLoader` or items for `
                suptitle=f'{method}: prediction/actual')
 
 # %% ../nbs/40_interpret.ipynb #fd6b17b5
-_plot_top_losses = Interpretation.plot_top_losses
-
-@patch
-def plot_top_losses(self:ClassificationInterpretation, k, # number of losses to plot, or their ranks
-                    largest:bool=True, # largest or smallest losses
-                    heatmap:bool=False, # overlay a class activation map (of the predicted class)
-                    method:str='gradcam', # a name in `cam_methods`
-                    layer=None, # target layer (see `find_cam_layer`)
-                    alpha:float=0.5, # opacity of the heatmap
-                    cmap:str='jet', fname=None, # save the figure to this path
-                    **kwargs):
-    "fastai's `plot_top_losses`, with CAM heatmaps if `heatmap`"
-    if not heatmap:
-        _plot_top_losses(self, k, largest, **kwargs)
-        if fname is not None: plt.gcf().savefig(fname, bbox_inches='tight')
-        return
-    losses,idx = (o[k] for o in self.top_losses(None, largest)) if is_listy(k) or isinstance(k, range) else self.top_losses(k, largest)
-    inps,preds,targs,decoded,_ = self[idx]
-    maps = self.learn.cam(inps, layer=layer, method=method)
-    dec = self.dl.decode_batch((inps, targs), max_n=len(idx))
-    titles = [f'{self.vocab[int(p)]}/{d[1]} / {l.item():.2f} / {pr.max().item():.2f}' for p,d,l,pr in zip(decoded, dec, losses, preds)]
-    _show_cams([d[0] for d in dec], maps.cpu(), titles, None, alpha, cmap, fname=fname,
-               suptitle=f'Prediction/Actual/Loss/Probability ({method})', **kwargs)
+class ClsInterpretation(ClassificationInterpretation):
+    "fastai's `ClassificationInterpretation` whose `plot_top_losses` can overlay CAM heatmaps (fastai's own class is left as it is)"
+    def plot_top_losses(self, k, # number of losses to plot, or their ranks
+                        largest:bool=True, # largest or smallest losses
+                        heatmap:bool=False, # overlay a class activation map (of the predicted class)
+                        method:str='gradcam', # a name in `cam_methods`
+                        layer=None, # target layer (see `find_cam_layer`)
+                        alpha:float=0.5, # opacity of the heatmap
+                        cmap:str='jet', fname=None, # save the figure to this path
+                        **kwargs):
+        "fastai's `plot_top_losses`, with CAM heatmaps if `heatmap`"
+        if not heatmap:
+            super().plot_top_losses(k, largest, **kwargs)
+            if fname is not None: plt.gcf().savefig(fname, bbox_inches='tight')
+            return
+        losses,idx = (o[k] for o in self.top_losses(None, largest)) if is_listy(k) or isinstance(k, range) else self.top_losses(k, largest)
+        inps,preds,targs,decoded,_ = self[idx]
+        maps = self.learn.cam(inps, layer=layer, method=method)
+        dec = self.dl.decode_batch((inps, targs), max_n=len(idx))
+        titles = [f'{self.vocab[int(p)]}/{d[1]} / {l.item():.2f} / {pr.max().item():.2f}' for p,d,l,pr in zip(decoded, dec, losses, preds)]
+        _show_cams([d[0] for d in dec], maps.cpu(), titles, None, alpha, cmap, fname=fname,
+                   suptitle=f'Prediction/Actual/Loss/Probability ({method})', **kwargs)

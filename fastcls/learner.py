@@ -12,10 +12,9 @@ import warnings
 from fastai.metrics import accuracy
 from fastai.vision.learner import get_c
 from fastai.vision.learner import _timm_norm
-from fastcore.basics import store_attr
 from fastcore.meta import delegates
 from .layers.attention import attention_params
-from .models import create_cls_model, cls_splitter
+from .models import create_cls_model, cls_splitter, ModelConfig
 from .layers.heads import heads
 import fastcls.layers.pooling  # registers the 'gem', 'bilinear' and 'bap' pools
 import fastcls.layers.heads  # registers the margin heads (arcface, cosface, ...) in `heads`
@@ -38,6 +37,12 @@ def _lr_mult(cb):
 
 class ClsLearner(Learner):
     "A fastai `Learner` whose inserted attention stays trainable while the body is frozen"
+    n_steps = 0  # optimizer steps taken: the decoupling verbs check that the network was trained
+    def _step(self):
+        super()._step()
+        self.n_steps += 1
+        for m in self.model.modules():
+            if hasattr(m, 'on_step'): m.on_step()  # schedules that count optimizer steps (SphereFace's λ)
     def create_opt(self):
         super().create_opt()
         for p in attention_params(self.model): self.opt.state[p]['force_train'] = True
@@ -58,6 +63,7 @@ def cls_learner(dls, # fastai `DataLoaders`
                 attn=None, # attention added to the residual blocks: a name in `attentions` or a module class
                 attn_where='all', # 'all' blocks, the 'last' stage, or stage indices into the backbone's `feature_info`
                 pool='avg', # pooling by name: 'avg', 'max', 'avgmax', 'catavgmax', 'gem', 'bilinear', 'bap' (see `pools`), or a factory `f(nf)`
+                pool_kwargs:dict|None=None, # arguments of the pooling (e.g. `dict(M=16)` for 'bap')
                 head:str='fastai', # classifier by name: 'fastai' (fastai's head), 'linear' (see `heads`)
                 loss_func=None, # the head's own loss if it registers one (margin heads), else the loss of `dls`
                 pretrained=True, # True, False, a checkpoint path or a weight source name (`pretrained_timm`); then the body is frozen, as `vision_learner` does
@@ -66,18 +72,19 @@ def cls_learner(dls, # fastai `DataLoaders`
                 normalize:bool=True, # add the pretrained model's normalisation to `dls` (pretrained models only)
                 n_in:int=3, # input channels
                 model_kwargs:dict|None=None, # passed to `timm.create_model` (e.g. `drop_path_rate`)
+                kind:str='cls', # 'cls', or 'bbn' / 'wsdan' (made by `bbn_learner` / `wsdan_learner`), see `create_cls_model`
                 **kwargs # `Learner` arguments, then head arguments (e.g. `ps`, `lin_ftrs`)
                ) -> ClsLearner:
     "Build a `Learner` over timm's `arch` with optional attention, pooling and head chosen by name"
     if n_out is None: n_out = get_c(dls)
     if n_out is None: raise ValueError("`n_out` could not be inferred from `dls`: set `dls.c` or pass `n_out`")
     learn_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _learner_args}
-    model = create_cls_model(arch, n_out, attn=attn, attn_where=attn_where, pool=pool, head=head,
-                             pretrained=pretrained, n_in=n_in, model_kwargs=model_kwargs, **kwargs)
+    cfg = ModelConfig(arch, n_out, attn=attn, attn_where=attn_where, pool=pool, pool_kwargs=dict(pool_kwargs or {}), head=head,
+                      head_kwargs=kwargs, n_in=n_in, model_kwargs=dict(model_kwargs or {}), kind=kind)
+    model = create_cls_model(**cfg.model_args(), pretrained=pretrained)
     if normalize: _timm_norm(dls, model[0].model.pretrained_cfg, pretrained, n_in)
     if loss_func is None and 'loss_func' in heads.meta(head): loss_func = heads.meta(head)['loss_func'](model[1][-1])
     learn = ClsLearner(dls, model, loss_func=loss_func, metrics=metrics, splitter=learn_kw.pop('splitter', cls_splitter), **learn_kw)
     if pretrained: learn.freeze()
-    store_attr('arch,attn,attn_where,pool,head,normalize,n_out,pretrained,n_in,model_kwargs', self=learn)
-    learn.head_kwargs = kwargs  # what is left after the `Learner` arguments: the head factory's arguments
+    learn.model_config,learn.pretrained,learn.normalize = cfg,pretrained,normalize  # the model's one description
     return learn

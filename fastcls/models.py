@@ -10,13 +10,19 @@ from torch import nn
 from fastai.vision.learner import apply_init
 from fastai.torch_core import params
 from fastcore.basics import ifnone
+from copy import deepcopy
+from dataclasses import dataclass, field, asdict, fields
+from .core import Registry
 from .layers.pooling import pools
-from .layers.heads import heads
+from .layers.heads import heads, NormedLinear, TauNormLinear, LWSLinear
+from .losses.longtail import LogitAdjust
 from .layers.attention import add_attention, attention_params
 from .pretrained import pretrained_timm
 
 # %% auto #0
-__all__ = ['TimmFeatures', 'create_timm_body', 'create_cls_model', 'cls_splitter']
+__all__ = ['model_kinds', 'classifier_edits', 'TimmFeatures', 'create_timm_body', 'BilateralBlock', 'BBNModel',
+           'create_cls_model', 'cls_splitter', 'tau_norm_edit', 'lws_edit', 'posthoc_la_edit', 'unwrap_edit',
+           'ModelConfig']
 
 # %% ../nbs/05_models.ipynb #b55eafba
 class TimmFeatures(nn.Module):
@@ -58,6 +64,40 @@ def create_timm_body(arch, # a timm model name, or a callable `(pretrained, **kw
         raise ValueError(f"{type(model).__name__} has no `forward_features`; fastcls needs timm-style models")
     return TimmFeatures(model)
 
+# %% ../nbs/05_models.ipynb #7ab69ee2
+class BilateralBlock(nn.Module):
+    "The last block of a backbone doubled: `cb` (conventional) and `rb` (re-balancing) branches"
+    def __init__(self, block:nn.Module):
+        super().__init__()
+        self.cb,self.rb,self.mode = block,deepcopy(block),'both'
+    def forward(self, x):
+        if self.mode == 'cb': return self.cb(x)
+        if self.mode == 'rb': return self.rb(x)
+        return torch.cat([self.cb(x), self.rb(x)])  # both branches on the same images, stacked on the batch axis
+
+def _last_stage(timm_model:nn.Module) -> nn.Sequential:
+    stage = timm_model.get_submodule(timm_model.feature_info[-1]['module'])
+    stage = getattr(stage, 'blocks', stage)
+    if not isinstance(stage, nn.Sequential) or len(stage) == 0:
+        raise ValueError(f"BBN needs a backbone whose last stage is a sequence of blocks; {type(timm_model).__name__}'s is {type(stage).__name__}")
+    return stage
+
+class BBNModel(nn.Sequential):
+    "Bilateral-branch network over a `cls_learner` body: `forward(x)` for inference, `forward(x_c, x_r)` for training"
+    def __init__(self, body:nn.Module, head:nn.Sequential):
+        super().__init__(body, head)
+        self.alpha = 0.5
+        self._bil = [m for m in body.modules() if isinstance(m, BilateralBlock)]
+        if len(self._bil) != 1: raise ValueError("BBNModel needs a body with exactly one BilateralBlock (see `bbn_learner`)")
+    def features(self, x, mode:str='both'):
+        "Pooled features of branch `mode` ('cb', 'rb' or 'both', stacked on the batch axis)"
+        self._bil[0].mode = mode
+        return self[1][0](self[0](x))
+    def forward(self, x, x_r=None):
+        if x_r is None: f = torch.cat(self.features(x, 'both').chunk(2), 1)
+        else: f = 2 * torch.cat([self.alpha * self.features(x, 'cb'), (1 - self.alpha) * self.features(x_r, 'rb')], 1)
+        return self[1][1:](f)
+
 # %% ../nbs/05_models.ipynb #3327ecc1
 def _feature_shape(body, n_in, size=64):
     was = body.training
@@ -67,24 +107,33 @@ def _feature_shape(body, n_in, size=64):
     finally: body.train(was)
     return f.shape
 
+model_kinds = ('cls', 'bbn', 'wsdan')  # 'wsdan' builds as 'cls': its test-time crop is the `WSDAN` callback's
+
 def create_cls_model(arch, n_out:int, attn=None, attn_where='all', pool='avg', head:str='fastai',
                      pretrained=True, n_in:int=3, init=nn.init.kaiming_normal_, model_kwargs:dict|None=None,
+                     pool_kwargs:dict|None=None, # arguments of the `pools` factory (e.g. `M` of 'bap', `p` of 'gem')
+                     kind:str='cls', # one of `model_kinds`: 'bbn' doubles the last block (a `BBNModel`)
                      **head_kwargs) -> nn.Sequential:
     "`nn.Sequential(body, nn.Sequential(pool, classifier))` over timm's `arch`, with `attn` added after loading weights"
     if n_out is None or n_out < 1: raise ValueError(f"n_out must be a positive number of classes, got {n_out}")
+    if kind not in model_kinds: raise ValueError(f"Unknown model kind {kind!r}. Valid choices: {', '.join(model_kinds)}")
     pool_fn,head_fn = (pool if callable(pool) else pools[pool]),heads[head]
     body = create_timm_body(arch, pretrained=pretrained, n_in=n_in, **ifnone(model_kwargs, {}))
     if attn is not None: add_attention(body.model, attn, attn_where)
+    if kind == 'bbn':
+        stage = _last_stage(body.model)
+        stage[len(stage)-1] = BilateralBlock(stage[len(stage)-1])
     shape = _feature_shape(body, n_in)
     if len(shape) != 4:
         raise ValueError(f"{arch!r} gives features of shape {tuple(shape)}, not a spatial map (B,C,H,W): "
                          "fastcls heads need a CNN backbone")
-    pool_layer = pool_fn(shape[1])
-    with torch.no_grad(): nf = pool_layer.eval()(torch.zeros(2, *shape[1:])).shape[-1]
+    try: pool_layer = pool_fn(shape[1], **ifnone(pool_kwargs, {}))
+    except TypeError as e: raise ValueError(f"pool {pool!r} does not take these arguments: {e}") from e
+    with torch.no_grad(): nf = pool_layer.eval()(torch.zeros(2, *shape[1:])).shape[-1] * (2 if kind == 'bbn' else 1)
     try: clf = head_fn(nf, n_out, **head_kwargs)
     except TypeError as e: raise ValueError(f"head {head!r} does not take these arguments: {e}") from e
     if init is not None and head == 'fastai': apply_init(clf, init)
-    return nn.Sequential(body, nn.Sequential(pool_layer, clf))
+    return (BBNModel if kind == 'bbn' else nn.Sequential)(body, nn.Sequential(pool_layer, clf))
 
 # %% ../nbs/05_models.ipynb #4dbeffd9
 def cls_splitter(m:nn.Module):
@@ -93,3 +142,103 @@ def cls_splitter(m:nn.Module):
     ids = {id(p) for p in attn}
     body = [p for p in params(m[0]) if id(p) not in ids]
     return [body, attn, params(m[1])] if attn else [body, params(m[1])]
+
+# %% ../nbs/05_models.ipynb #d59826ab
+def _classifier(model) -> nn.Sequential:
+    if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential) and len(model[1]) >= 2):
+        raise ValueError("The decoupling verbs need a `cls_learner` model: nn.Sequential(body, nn.Sequential(pool, classifier))")
+    return model[1]
+
+_wrappers = (TauNormLinear, LWSLinear)
+
+def _unwrap(model):
+    "Put back the linear layer wrapped by an earlier `tau_norm`/`lws`"
+    for parent in list(_classifier(model).modules()):
+        for n,c in parent.named_children():
+            if isinstance(c, _wrappers): setattr(parent, n, c.lin)
+
+def _last_linear(model, types=(nn.Linear,)):
+    "(parent, name, module) of the last layer of `types` in the classifier"
+    found = None
+    for parent in _classifier(model).modules():
+        for n,c in parent.named_children():
+            if isinstance(c, types): found = (parent, n, c)
+    if found is None: raise ValueError(f"No {'/'.join(t.__name__ for t in types)} layer in the classifier")
+    return found
+
+classifier_edits = Registry('classifier edit')
+
+@classifier_edits.register('tau_norm')
+def tau_norm_edit(model, tau:float=1.) -> TauNormLinear:
+    "Wrap the last `nn.Linear` of the classifier in a `TauNormLinear`"
+    _unwrap(model)
+    parent,n,lin = _last_linear(model)
+    setattr(parent, n, tn := TauNormLinear(lin, tau))
+    return tn
+
+@classifier_edits.register('lws')
+def lws_edit(model) -> LWSLinear:
+    "Wrap the last linear (or `NormedLinear`) layer of the classifier in an `LWSLinear` with unit scales"
+    _unwrap(model)
+    parent,n,lin = _last_linear(model, (nn.Linear, NormedLinear))
+    n_out = lin.out_features if isinstance(lin, nn.Linear) else lin.weight.shape[1]
+    setattr(parent, n, w := LWSLinear(lin, n_out).to(lin.weight.device))
+    return w
+
+@classifier_edits.register('posthoc_la')
+def posthoc_la_edit(model, tau:float=1., counts=None) -> LogitAdjust:
+    "Append (or replace) a `LogitAdjust` layer; without `counts` its shift is zero until a state dict is loaded"
+    clf = _classifier(model)
+    if isinstance(clf[-1], LogitAdjust): del clf[len(clf)-1]
+    if counts is None: counts = torch.ones(_last_linear(model, (nn.Linear, NormedLinear, LWSLinear, TauNormLinear))[2].weight.shape[0])
+    clf.append(la := LogitAdjust(counts, tau).to(next(model.parameters()).device))
+    return la
+
+@classifier_edits.register('unwrap')
+def unwrap_edit(model):
+    "Remove the `tau_norm`/`lws` wrappers (`crt` retrains the plain classifier)"
+    _unwrap(model)
+
+# %% ../nbs/05_models.ipynb #8567b4d1
+@dataclass
+class ModelConfig:
+    "What `create_cls_model` builds (names and numbers), and the `classifier_edits` made since, in order"
+    arch:str; n_out:int
+    attn:str|None=None; attn_where:str|list='all'
+    pool:str='avg'; pool_kwargs:dict=field(default_factory=dict)
+    head:str='fastai'; head_kwargs:dict=field(default_factory=dict)
+    n_in:int=3; model_kwargs:dict=field(default_factory=dict)
+    kind:str='cls' # one of `model_kinds`
+    kind_kwargs:dict=field(default_factory=dict) # what the kind needs beyond the model (WS-DAN: its test-time crop)
+    edits:list=field(default_factory=list) # `[{'name': 'tau_norm', 'tau': 0.8}, ...]`, names in `classifier_edits`
+
+    def model_args(self) -> dict:
+        "`create_cls_model`'s arguments"
+        return dict(arch=self.arch, n_out=self.n_out, attn=self.attn, attn_where=self.attn_where, pool=self.pool,
+                    pool_kwargs=dict(self.pool_kwargs), head=self.head, n_in=self.n_in, model_kwargs=dict(self.model_kwargs),
+                    kind=self.kind, **self.head_kwargs)
+
+    def edit(self, model, name:str, **kwargs):
+        "Make classifier edit `name` on `model` and record it (an edit replacing earlier ones drops them)"
+        res = classifier_edits[name](model, **kwargs)
+        drop = {'posthoc_la'} if name == 'posthoc_la' else {'tau_norm', 'lws', 'unwrap'}
+        self.edits = [e for e in self.edits if e['name'] not in drop] + ([] if name == 'unwrap' else [dict(name=name, **kwargs)])
+        return res
+
+    def apply_edits(self, model):
+        "Make the recorded `edits` on a freshly built `model`"
+        for e in self.edits: classifier_edits[e['name']](model, **{k:v for k,v in e.items() if k != 'name'})
+        return model
+
+    def build(self, pretrained:bool=False, **kwargs) -> nn.Module:
+        "The model this config describes: `create_cls_model` then the `edits`"
+        return self.apply_edits(create_cls_model(**self.model_args(), pretrained=pretrained, **kwargs))
+
+    def to_dict(self) -> dict: return asdict(self)
+    @classmethod
+    def from_dict(cls, d:dict):
+        "A `ModelConfig` from `to_dict`'s output; unknown keys are an error"
+        names = [f.name for f in fields(cls)]
+        unknown = set(d) - set(names)
+        if unknown: raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}. Valid: {', '.join(names)}")
+        return cls(**d)

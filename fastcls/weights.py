@@ -17,13 +17,16 @@ from fastai.data.transforms import Normalize
 from fastai.torch_core import rank_distrib
 from fastcore.basics import patch
 from .learner import ClsLearner, cls_learner
+from .models import ModelConfig
+from .callback.wsdan import WSDAN
 from .callback.checkpoint import write_atomic
 
 # %% auto #0
 __all__ = ['weights_config', 'load_cls_learner']
 
 # %% ../nbs/31_weights.ipynb #442d2122
-_format = 'fastcls-weights-1'
+_format = 'fastcls-weights-2'
+_formats = ('fastcls-weights-1', _format)  # 1: before `ModelConfig` (no pool arguments, kind or edits)
 
 def _jsonable(o):
     if isinstance(o, (np.generic, torch.Tensor)): return o.item() if o.ndim == 0 else o.tolist()
@@ -36,16 +39,15 @@ def _tfms(dl, cls): return [t for t in getattr(getattr(dl, 'after_item' if cls i
 
 def weights_config(learn:ClsLearner) -> dict:
     "The JSON-able description of `learn`'s model and inputs that `load_cls_learner` rebuilds from"
-    if not hasattr(learn, 'arch'): raise ValueError("save_weights needs a learner made by `cls_learner` (it reads its `arch`, `attn`, ...)")
-    for k in ('arch', 'attn'):
-        v = getattr(learn, k)
+    mc = getattr(learn, 'model_config', None)
+    if mc is None: raise ValueError("save_weights needs a learner made by `cls_learner`, `bbn_learner` or `wsdan_learner` (it reads `learn.model_config`)")
+    for k in ('arch', 'attn', 'pool'):
+        v = getattr(mc, k)
         if v is not None and not isinstance(v, str):
             raise ValueError(f"{k}={v!r} is not a name: save_weights can only describe models built from registered names")
     dl = learn.dls.valid
     norm,rsz = _tfms(dl, Normalize),_tfms(dl, Resize)
-    cfg = dict(format=_format, arch=learn.arch, attn=learn.attn, attn_where=learn.attn_where, pool=learn.pool, head=learn.head,
-               head_kwargs=getattr(learn, 'head_kwargs', {}), model_kwargs=getattr(learn, 'model_kwargs', None) or {},
-               n_in=getattr(learn, 'n_in', 3), n_out=learn.n_out, vocab=list(getattr(learn.dls, 'vocab', [])),
+    cfg = dict(format=_format, **mc.to_dict(), vocab=list(getattr(learn.dls, 'vocab', [])), n_steps=getattr(learn, 'n_steps', 0),
                normalize=dict(mean=norm[0].mean.flatten(), std=norm[0].std.flatten()) if norm else None,
                resize=dict(size=rsz[0].size, method=rsz[0].method, pad_mode=rsz[0].pad_mode) if rsz else None)
     return _jsonable(cfg)
@@ -88,15 +90,19 @@ def load_cls_learner(path, # the folder written by `save_weights`
     for f in ('config.json', 'model.safetensors'):
         if not (path/f).exists(): raise FileNotFoundError(f"{path/f} not found: load_cls_learner needs a folder written by `learn.save_weights`")
     cfg = json.loads((path/'config.json').read_text())
-    if cfg.get('format') != _format: raise ValueError(f"{path/'config.json'} has format {cfg.get('format')!r}, expected {_format!r}")
+    if cfg.get('format') not in _formats: raise ValueError(f"{path/'config.json'} has format {cfg.get('format')!r}, expected one of {_formats}")
+    mc = ModelConfig.from_dict({k:v for k,v in cfg.items() if k not in ('format', 'vocab', 'normalize', 'resize', 'n_steps')})
     if dls is None: dls = _inference_dls(cfg, device='cpu' if device is None else device)
     elif cfg['vocab'] and list(map(str, dls.vocab)) != list(map(str, cfg['vocab'])):
         raise ValueError(f"dls.vocab {list(dls.vocab)} differs from the saved model's vocab {cfg['vocab']}")
     elif cfg['normalize'] and not _tfms(dls.valid, Normalize):
         dls.add_tfms([Normalize.from_stats(cfg['normalize']['mean'], cfg['normalize']['std'])], 'after_batch')
-    learn = cls_learner(dls, cfg['arch'], attn=cfg['attn'], attn_where=cfg['attn_where'], pool=cfg['pool'], head=cfg['head'],
-                        pretrained=False, normalize=False, n_out=cfg['n_out'], n_in=cfg['n_in'],
-                        model_kwargs=cfg['model_kwargs'] or None, **cfg['head_kwargs'], **kwargs)
+    learn = cls_learner(dls, mc.arch, attn=mc.attn, attn_where=mc.attn_where, pool=mc.pool, pool_kwargs=mc.pool_kwargs, head=mc.head,
+                        pretrained=False, normalize=False, n_out=mc.n_out, n_in=mc.n_in, model_kwargs=mc.model_kwargs, kind=mc.kind,
+                        **mc.head_kwargs, **kwargs)
+    learn.model_config,learn.n_steps = mc,cfg.get('n_steps', 0)
+    mc.apply_edits(learn.model)
+    if mc.kind == 'wsdan': learn.add_cb(WSDAN(**mc.kind_kwargs))  # its test-time crop is part of the predictions
     load_model(learn.model, path/'model.safetensors', strict=True, device=str(dls.device or 'cpu'))
     learn.model.to(dls.device or 'cpu')
     return learn

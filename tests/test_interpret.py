@@ -4,7 +4,7 @@ from torch import nn
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from fastai.interpret import ClassificationInterpretation
-from fastcls.interpret import cam_maps, find_cam_layer, cam_methods
+from fastcls.interpret import cam_maps, find_cam_layer, cam_methods, ClsInterpretation
 from fastcls.learner import cls_learner
 from fastcls.test_utils import synth_dls, synth_df, pretrained_like
 import pytorch_grad_cam as pgc
@@ -188,7 +188,7 @@ def test_plots(tmp_path):
     assert all('/c' in a.get_title() for a in fig.axes if a.get_title())
     plt.close('all')
     assert plt.imread(tmp_path/'grid.png').ndim == 3
-    interp = ClassificationInterpretation.from_learner(learn)
+    interp = ClsInterpretation.from_learner(learn)
     interp.plot_top_losses(3, heatmap=True, method='layercam', fname=tmp_path/'top.png')
     axs = [a for a in plt.gcf().axes if a.get_title()]
     assert len(axs) == 3 and all(len(a.get_images()) == 2 for a in axs)  # image + heatmap

@@ -189,8 +189,8 @@ def test_short_training_on_digits_with_label_smoothing():
     assert vals[-1][2] > 0.5         # 10 classes: far above chance (0.1)
 
 @pytest.mark.parametrize('kwargs,msg', [
-    (dict(mixup_alpha=0.), '`mixup_alpha` must be > 0'),
-    (dict(cutmix_alpha=-1.), '`cutmix_alpha` must be > 0'),
+    (dict(mixup_alpha=0., cutmix_alpha=0.), 'both off'),
+    (dict(cutmix_alpha=-1.), '`cutmix_alpha` must be >= 0'),
     (dict(prob=1.5), '`prob` must be in'),
     (dict(prob=-0.1), '`prob` must be in'),
     (dict(switch_prob=2), '`switch_prob` must be in'),

@@ -59,7 +59,7 @@ def test_bad_input(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match='save_weights'): load_cls_learner(tmp_path)
     (tmp_path/'model.safetensors').write_bytes(b''); (tmp_path/'config.json').write_text('{"format": "other"}')
     with pytest.raises(ValueError, match='format'): load_cls_learner(tmp_path)
-    learn.attn, old = torch.nn.Identity, learn.attn
+    learn.model_config.attn, old = torch.nn.Identity, learn.model_config.attn
     try:
         with pytest.raises(ValueError, match='is not a name'): learn.save_weights(tmp_path/'x')
-    finally: learn.attn = old
+    finally: learn.model_config.attn = old

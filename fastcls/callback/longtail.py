@@ -4,27 +4,26 @@
 
 # %% ../../nbs/21_callback.longtail.ipynb #31179994
 from __future__ import annotations
-import inspect, math
-from copy import deepcopy
+import math
 import numpy as np, torch
 from torch import nn, Tensor
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import *  # fit_one_cycle, fit_flat_cos
-from fastai.vision.learner import apply_init
 from fastcore.basics import store_attr, patch, ifnone
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from ..core import Registry
 from ..layers.heads import heads
-from ..learner import cls_learner, _learner_args
-from ..losses.longtail import class_counts, check_counts, cb_weights, LogitAdjust
+from ..learner import cls_learner
+from ..models import BilateralBlock, BBNModel, _last_stage, _classifier, _unwrap, _last_linear, classifier_edits
+from ..layers.heads import TauNormLinear, LWSLinear  # re-exported: exports made before they moved still load
+from ..losses.longtail import class_counts, check_counts, cb_weights, LogitAdjust, log_prior
 from ..data.samplers import samplers
 from ..metrics.longtail import balanced_acc
 
 # %% auto #0
-__all__ = ['alpha_schedules', 'DRW', 'BilateralBlock', 'BBNModel', 'bbn_learner', 'bbn_alpha', 'CumulativeLearning',
-           'TauNormLinear', 'LWSLinear']
+__all__ = ['alpha_schedules', 'DRW', 'bbn_learner', 'bbn_alpha', 'CumulativeLearning']
 
 # %% ../../nbs/21_callback.longtail.ipynb #42f5cd7c
 class DRW(Callback):
@@ -43,64 +42,12 @@ class DRW(Callback):
         self.lf.weight = self.cb_w if self.epoch >= ifnone(self.start, int(0.8*self.n_epoch)) else self.old
     def after_fit(self): self.lf.weight = self.old
 
-# %% ../../nbs/21_callback.longtail.ipynb #1cf19b61
-class BilateralBlock(nn.Module):
-    "The last block of a backbone doubled: `cb` (conventional) and `rb` (re-balancing) branches"
-    def __init__(self, block:nn.Module):
-        super().__init__()
-        self.cb,self.rb,self.mode = block,deepcopy(block),'both'
-    def forward(self, x):
-        if self.mode == 'cb': return self.cb(x)
-        if self.mode == 'rb': return self.rb(x)
-        return torch.cat([self.cb(x), self.rb(x)])  # both branches on the same images, stacked on the batch axis
-
-def _last_stage(timm_model:nn.Module) -> nn.Sequential:
-    stage = timm_model.get_submodule(timm_model.feature_info[-1]['module'])
-    stage = getattr(stage, 'blocks', stage)
-    if not isinstance(stage, nn.Sequential) or len(stage) == 0:
-        raise ValueError(f"BBN needs a backbone whose last stage is a sequence of blocks; {type(timm_model).__name__}'s is {type(stage).__name__}")
-    return stage
-
-class BBNModel(nn.Sequential):
-    "Bilateral-branch network over a `cls_learner` body: `forward(x)` for inference, `forward(x_c, x_r)` for training"
-    def __init__(self, body:nn.Module, head:nn.Sequential):
-        super().__init__(body, head)
-        self.alpha = 0.5
-        self._bil = [m for m in body.modules() if isinstance(m, BilateralBlock)]
-        if len(self._bil) != 1: raise ValueError("BBNModel needs a body with exactly one BilateralBlock (see `bbn_learner`)")
-    def features(self, x, mode:str='both'):
-        "Pooled features of branch `mode` ('cb', 'rb' or 'both', stacked on the batch axis)"
-        self._bil[0].mode = mode
-        return self[1][0](self[0](x))
-    def forward(self, x, x_r=None):
-        if x_r is None: f = torch.cat(self.features(x, 'both').chunk(2), 1)
-        else: f = 2 * torch.cat([self.alpha * self.features(x, 'cb'), (1 - self.alpha) * self.features(x_r, 'rb')], 1)
-        return self[1][1:](f)
-
 # %% ../../nbs/21_callback.longtail.ipynb #0e6136d4
-_cls_args = set(inspect.signature(cls_learner).parameters) - {'kwargs'}
-
 @delegates(cls_learner)
 def bbn_learner(dls, arch, head:str='linear', # classifier over the concatenated branch features (official: one linear layer)
                 **kwargs):
-    "A `cls_learner` whose model is a `BBNModel`: train it with the `CumulativeLearning` callback"
-    learn = cls_learner(dls, arch, head=head, **kwargs)
-    body,pool = learn.model[0],learn.model[1][0]
-    stage = _last_stage(body.model)
-    stage[len(stage)-1] = BilateralBlock(stage[len(stage)-1])
-    head_kw = {k:v for k,v in kwargs.items() if k not in _learner_args and k not in _cls_args}
-    with torch.no_grad():
-        was = body.training; body.eval()
-        nf = pool(body(torch.zeros(1, kwargs.get('n_in', 3), 64, 64))).shape[-1] * 2  # 'both' mode stacks -> (2, nf) -> cat
-        body.train(was)
-    clf = heads[head](nf, learn.n_out, **head_kw)
-    if head == 'fastai': apply_init(clf, nn.init.kaiming_normal_)
-    learn.model = BBNModel(body, nn.Sequential(pool, clf))
-    if kwargs.get('loss_func') is None and 'loss_func' in heads.meta(head):  # a margin head's loss must hold the new head
-        learn.loss_func = heads.meta(head)['loss_func'](clf)
-    learn.opt = None
-    if learn.pretrained: learn.freeze()
-    return learn
+    "A `cls_learner` whose model is a `BBNModel` (`create_cls_model(kind='bbn')`): train it with the `CumulativeLearning` callback"
+    return cls_learner(dls, arch, head=head, kind='bbn', **kwargs)
 
 # %% ../../nbs/21_callback.longtail.ipynb #6181b143
 alpha_schedules = Registry('alpha schedule')
@@ -151,45 +98,14 @@ class CumulativeLearning(Callback):
         self.rev = self.it = None  # nothing big left to pickle at export
 
 # %% ../../nbs/21_callback.longtail.ipynb #cb1a7a4d
-class TauNormLinear(nn.Module):
-    "A trained `nn.Linear` with weights divided by their norm to the power `tau`, bias dropped"
-    def __init__(self, lin:nn.Linear, tau:float=1.): super().__init__(); self.lin,self.tau = lin,tau
-    def forward(self, x):
-        w = self.lin.weight
-        return x @ (w / w.norm(dim=1, keepdim=True).pow(self.tau)).t()
-
-class LWSLinear(nn.Module):
-    "A frozen classifier whose logits are scaled per class by learnable `scales` (LWS)"
-    def __init__(self, lin:nn.Module, n_out:int):
-        super().__init__(); self.lin,self.scales = lin,nn.Parameter(torch.ones(n_out))
-    def forward(self, x): return self.lin(x) * self.scales
-
-_wrappers = (TauNormLinear, LWSLinear)
-
-def _classifier(model) -> nn.Sequential:
-    if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential) and len(model[1]) >= 2):
-        raise ValueError("The decoupling verbs need a `cls_learner` model: nn.Sequential(body, nn.Sequential(pool, classifier))")
-    return model[1]
-
-def _unwrap(model):
-    "Put back the linear layer wrapped by an earlier `tau_norm`/`lws`"
-    for parent in list(_classifier(model).modules()):
-        for n,c in parent.named_children():
-            if isinstance(c, _wrappers): setattr(parent, n, c.lin)
-
-def _last_linear(model, types=(nn.Linear,)):
-    "(parent, name, module) of the last layer of `types` in the classifier"
-    found = None
-    for parent in _classifier(model).modules():
-        for n,c in parent.named_children():
-            if isinstance(c, types): found = (parent, n, c)
-    if found is None: raise ValueError(f"No {'/'.join(t.__name__ for t in types)} layer in the classifier")
-    return found
-
 def _trained(learn) -> bool:
-    "Whether `learn` went through training steps (iteration counter, or optimizer statistics since `get_preds` resets the counter)"
-    if getattr(learn, 'train_iter', 0) > 0: return True
-    return learn.opt is not None and any(k not in ('force_train', 'do_wd') for st in learn.opt.state.values() for k in st)
+    "Whether `learn` took optimizer steps: `ClsLearner.n_steps` (a plain `Learner` only has `train_iter`, reset by `get_preds`)"
+    return getattr(learn, 'n_steps', getattr(learn, 'train_iter', 0)) > 0
+
+def _edit(learn, name, **kwargs):
+    "Classifier edit `name` on `learn.model`, recorded in `learn.model_config` when the learner has one"
+    cfg = getattr(learn, 'model_config', None)
+    return cfg.edit(learn.model, name, **kwargs) if cfg is not None else classifier_edits[name](learn.model, **kwargs)
 
 def _check_trained(learn, verb, force):
     if not force and not _trained(learn):
@@ -227,7 +143,7 @@ def crt(self:Learner, epochs:int=10, lr:float=2e-3,
         seed:int|None=None, **kwargs): # `seed` of the sampler; `kwargs` go to `fit_flat_cos`
     "Classifier re-training: re-initialise and retrain the layers after the pooling on the frozen body"
     _check_trained(self, 'crt', force)
-    _unwrap(self.model)
+    _edit(self, 'unwrap')
     clf = _classifier(self.model)[1:]
     if reinit:
         for m in clf.modules():
@@ -239,11 +155,7 @@ def crt(self:Learner, epochs:int=10, lr:float=2e-3,
 def lws(self:Learner, epochs:int=5, lr:float=2e-3, sampler:str|None='class_balanced', force:bool=False, seed:int|None=None, **kwargs):
     "Learnable weight scaling: learn one scale per class on top of the frozen network"
     _check_trained(self, 'lws', force)
-    _unwrap(self.model)
-    from fastcls.layers.heads import NormedLinear
-    parent,n,lin = _last_linear(self.model, (nn.Linear, NormedLinear))
-    n_out = lin.out_features if isinstance(lin, nn.Linear) else lin.weight.shape[1]
-    setattr(parent, n, w := LWSLinear(lin, n_out).to(lin.weight.device))
+    w = _edit(self, 'lws')
     _fit_head(self, [w.scales], [], epochs, lr, sampler, seed, **kwargs)
     return self
 
@@ -258,9 +170,7 @@ def tau_norm(self:Learner, tau:float|None=None, # τ in [0, 2]; None searches `t
     for t in ([tau] if tau is not None else list(taus)):
         if not 0 <= t <= 2: raise ValueError(f"tau must be in [0, 2] (0: plain weights, 1: unit-norm weights; the official search range), got {t}")
     _check_trained(self, 'tau_norm', force)
-    _unwrap(self.model)
-    parent,n,lin = _last_linear(self.model)
-    setattr(parent, n, tn := TauNormLinear(lin, ifnone(tau, 1.)))
+    tn = _edit(self, 'tau_norm', tau=float(ifnone(tau, 1.)))
     if tau is None:
         feats = []
         h = tn.register_forward_hook(lambda m,i,o: feats.append(i[0].detach()))
@@ -271,14 +181,13 @@ def tau_norm(self:Learner, tau:float|None=None, # τ in [0, 2]; None searches `t
         with torch.no_grad():
             for t in taus:
                 tn.tau = float(t); scores.append(float(metric(tn(x).cpu(), targs)))
-        tn.tau = float(taus[int(np.argmax(scores))])
+        _edit(self, 'tau_norm', tau=float(taus[int(np.argmax(scores))]))
         self.tau_scores = dict(zip(map(float, taus), scores))
     return self
 
 @patch
 def posthoc_la(self:Learner, tau:float=1.):
     "Post-hoc logit adjustment: append `LogitAdjust` ($z - \\tau\\log\\pi$, priors from the training counts) to the model"
-    clf = _classifier(self.model)
-    if isinstance(clf[-1], LogitAdjust): del clf[len(clf)-1]
-    clf.append(LogitAdjust(check_counts(class_counts(self.dls), self.dls.vocab), tau).to(next(self.model.parameters()).device))
+    la = _edit(self, 'posthoc_la', tau=tau)  # the shift is a buffer: saved with the weights, not in the config
+    with torch.no_grad(): la.shift.copy_(log_prior(check_counts(class_counts(self.dls), self.dls.vocab), tau))
     return self

@@ -37,15 +37,18 @@ def _check_args(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, cutmix_minma
         if not 0 <= v <= 1: raise ValueError(f"`{nm}` must be in [0, 1], got {v}")
     if not 0 <= label_smoothing < 1: raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}")
     if mode not in ('batch', 'elem'): raise ValueError(f"Unknown mode {mode!r}. Valid choices: batch, elem")
-    if switch_prob < 1 and not (mixup_alpha or 0) > 0:
-        raise ValueError(f"`mixup_alpha` must be > 0 when MixUp is used (switch_prob={switch_prob} < 1), got {mixup_alpha}; "
-                         "for CutMix only set switch_prob=1")
-    if cutmix_minmax is not None:
-        if len(cutmix_minmax) != 2 or not 0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1:
-            raise ValueError(f"`cutmix_minmax` must be (min, max) with 0 < min < max <= 1, got {cutmix_minmax}")
-    elif switch_prob > 0 and not (cutmix_alpha or 0) > 0:
-        raise ValueError(f"`cutmix_alpha` must be > 0 when CutMix is used (switch_prob={switch_prob} > 0), got {cutmix_alpha}; "
-                         "for MixUp only set switch_prob=0")
+    for nm,v in (('mixup_alpha', mixup_alpha), ('cutmix_alpha', cutmix_alpha)):
+        if v is not None and v < 0: raise ValueError(f"`{nm}` must be >= 0 (0: that mix off, as timm), got {v}")
+    if cutmix_minmax is not None and (len(cutmix_minmax) != 2 or not 0 < cutmix_minmax[0] < cutmix_minmax[1] <= 1):
+        raise ValueError(f"`cutmix_minmax` must be (min, max) with 0 < min < max <= 1, got {cutmix_minmax}")
+    if not (mixup_alpha or 0) > 0 and not (cutmix_alpha or 0) > 0 and cutmix_minmax is None:
+        raise ValueError("MixUp and CutMix are both off (mixup_alpha=0, cutmix_alpha=0, no cutmix_minmax): give one of them")
+
+def _switch_prob(mixup_alpha, cutmix_alpha, cutmix_minmax, switch_prob):
+    "timm's convention: an alpha of 0 turns that mix off, so the other one is always used"
+    if not (mixup_alpha or 0) > 0: return 1.
+    if not (cutmix_alpha or 0) > 0 and cutmix_minmax is None: return 0.
+    return switch_prob
 
 # %% ../../nbs/20_callback.mixup.ipynb #3bc6bf18
 class CutMixUp(Callback):
@@ -64,6 +67,7 @@ class CutMixUp(Callback):
                  generator:torch.Generator|None=None): # source of all random draws (torch's global generator if `None`)
         _check_args(mixup_alpha, cutmix_alpha, prob, switch_prob, mode, cutmix_minmax, label_smoothing, stop_pct)
         store_attr()
+        self.switch_prob = _switch_prob(mixup_alpha, cutmix_alpha, cutmix_minmax, switch_prob)
         self.mixing = False
 
     def draw(self, bs:int, size:tuple):
@@ -110,18 +114,19 @@ class CutMixUp(Callback):
     def before_batch(self):
         "Mix the inputs unless this batch is in the last `stop_pct` of training; set `mixing`, `lam` and `yb1`"
         x,yb = self.learn.xb[0],self.learn.yb
-        self.mixing,self.lam,self.yb1 = False,torch.ones(1, device=x.device),yb
+        self.mixing,self.lam,self.lam0,self.yb1 = False,torch.ones(1, device=x.device),1.,yb
         if self.pct_train >= 1 - self.stop_pct: return
         if x.ndim < 3 and self.switch_prob > 0: raise ValueError(f"CutMix needs image batches (B, C, H, W), got shape {tuple(x.shape)}; set switch_prob=0")
         self.draws = self.draw(len(x), x.shape[-2:] if x.ndim >= 3 else (1, 1))
         if (self.draws[0] == 1).all(): return
         perm = self.draws[3].to(x.device)
         self.mixing,self.lam,self.yb1 = True,self.draws[0].to(x.device),tuple(y[perm] for y in yb)
+        self.lam0 = float(self.draws[0][0])  # 'batch' mode's λ, read on the CPU where it was drawn (no device sync)
         self.learn.xb = (self.mix(x, self.draws), *self.learn.xb[1:])
 
     def _lam(self, t):
         "λ shaped to weigh `t` (one value per batch, or per item in 'elem' mode)"
-        if self.mode == 'batch': return float(self.lam[0])
+        if self.mode == 'batch': return self.lam0
         if t.ndim == 0: raise ValueError("mode='elem' needs a loss that returns one value per item with reduction='none'")
         return self.lam.to(t.device, t.dtype).view(-1, *[1]*(t.ndim-1))
 

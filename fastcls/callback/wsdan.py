@@ -4,7 +4,6 @@
 
 # %% ../../nbs/22_callback.wsdan.ipynb #f8bfc9a4
 from __future__ import annotations
-from functools import partial
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
@@ -27,14 +26,36 @@ def attention_crop(x, # images (B,C,H,W)
     "Crop each image to the box where its upsampled attention map is >= `theta` x its maximum, resized to the image size"
     H,W = x.shape[-2:]
     mask = (_upsample(A, (H, W)) >= _thresh(A, theta))[:, 0]
-    out = []
-    for xi,m in zip(x, mask):
-        if not m.any(): m = torch.ones_like(m)
-        rows,cols = m.any(1).nonzero()[:, 0],m.any(0).nonzero()[:, 0]
-        h0,h1 = max(int(rows.min().item() - pad*H), 0),min(int(rows.max().item() + pad*H), H)
-        w0,w1 = max(int(cols.min().item() - pad*W), 0),min(int(cols.max().item() + pad*W), W)
-        out.append(F.interpolate(xi[None, :, h0:max(h1, h0+1), w0:max(w1, w0+1)], size=(H, W), mode='bilinear', align_corners=True))
-    return torch.cat(out)
+    mask = mask | ~mask.flatten(1).any(1)[:, None, None]  # an empty mask crops nothing
+    (r0,r1),(c0,c1) = _bounds(mask.any(2), pad),_bounds(mask.any(1), pad)
+    x = x.as_subclass(torch.Tensor)  # fastai's TensorImage: plain tensor ops
+    i0,i1,ly = _src_idx(r0, r1 - r0, H)
+    rows = torch.lerp(_take(x, i0, 2), _take(x, i1, 2), ly[:, None, :, None].to(x.dtype))
+    j0,j1,lx = _src_idx(c0, c1 - c0, W)
+    return torch.lerp(_take(rows, j0, 3), _take(rows, j1, 3), lx[:, None, None, :].to(x.dtype))
+
+def _bounds(any_, pad):
+    "(start, exclusive end) per image of the True run of `any_` (B,n), enlarged by `pad`*n and clipped, at least one long"
+    n = any_.shape[1]
+    first,last = any_.float().argmax(1),n - 1 - any_.flip(1).float().argmax(1)
+    lo = torch.trunc(first.double() - pad*n).long().clamp(min=0)  # as `int(first - pad*n)` in the reference
+    hi = torch.trunc(last.double() + pad*n).long().clamp(max=n)
+    return lo,torch.maximum(hi, lo + 1)
+
+def _src_idx(lo, n, size):
+    "Source indices and weights of align-corners bilinear resizing of `n` pixels from `lo` to `size` (as `F.interpolate`)"
+    scale = torch.where(n > 1, (n - 1).float() / max(size - 1, 1), torch.zeros_like(n, dtype=torch.float))
+    src = scale[:, None] * torch.arange(size, device=lo.device, dtype=torch.float)[None]
+    f = src.floor()
+    i0 = lo[:, None] + f.long()
+    return i0,i0 + (f < (n - 1)[:, None]).long(),src - f
+
+def _take(x, idx, dim):
+    "`x` indexed along `dim` (2: rows, 3: columns) by per-image indices `idx` (B,k)"
+    shape = [len(x), 1, 1, 1]
+    shape[dim] = idx.shape[1]
+    full = list(x.shape); full[dim] = idx.shape[1]
+    return x.gather(dim, idx.to(x.device).view(shape).expand(full))
 
 def attention_drop(x, # images (B,C,H,W)
                    A, # one attention map per image (B,1,h,w)
@@ -148,4 +169,6 @@ def wsdan_learner(dls, # fastai `DataLoaders`
     "A `cls_learner` with bilinear attention pooling (`M` maps) and the `WSDAN` callback"
     cb = WSDAN(crop_theta=crop_theta, drop_theta=drop_theta, center_weight=center_weight, test_crop=test_crop, seed=seed)
     if not isinstance(M, int) or M < 1: raise ValueError(f"M (number of attention maps) must be a positive integer, got {M!r}")
-    return cls_learner(dls, arch, pool=partial(BAPool, M=M), head=head, cbs=L(cbs) + [cb], **kwargs)
+    learn = cls_learner(dls, arch, pool='bap', pool_kwargs=dict(M=M), head=head, kind='wsdan', cbs=L(cbs) + [cb], **kwargs)
+    learn.model_config.kind_kwargs = dict(test_theta=cb.test_theta, test_pad=cb.test_pad, test_crop=cb.test_crop)
+    return learn

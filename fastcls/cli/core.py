@@ -5,6 +5,7 @@
 # %% ../../nbs/60_cli.core.ipynb #a1089b82
 from __future__ import annotations
 import sys, os, time, inspect, warnings, importlib, contextlib
+import torch
 from pathlib import Path
 from typing import Annotated
 import numpy as np, pandas as pd
@@ -15,21 +16,13 @@ from .report import write_report, classification_report
 import json as _json_mod  # `predict` has a `json` option
 
 # %% auto #0
-__all__ = ['datasets', 'mixes', 'builtin_losses', 'train_defaults', 'recipes', 'commands', 'UsageError', 'random_split',
-           'folder_df', 'csv_df', 'check_images', 'data_df', 'make_dls', 'class_weights', 'loss_from_name',
-           'sampled_dls', 'pretrained_value', 'run_config', 'check_config', 'check_out', 'fit', 'distill_cbs',
-           'summary', 'train', 'load_model', 'predict_inputs', 'predict', 'main']
+__all__ = ['datasets', 'mixes', 'train_defaults', 'recipes', 'commands', 'UsageError', 'random_split', 'folder_df', 'csv_df',
+           'data_df', 'make_dls', 'loss_from_name', 'pretrained_value', 'run_config', 'check_config', 'check_out',
+           'fit', 'distill_cbs', 'summary', 'train', 'load_model', 'predict_inputs', 'predict', 'main']
 
 # %% ../../nbs/60_cli.core.ipynb #cfecbef6
 class UsageError(ValueError):
     "A mistake in the command line or the data, reported to CLI users without a traceback"
-
-def _optional(module:str, attr:str, option:str):
-    "`module.attr`, or a `UsageError` saying that `option` needs `module` when it is not installed"
-    try: return getattr(importlib.import_module(module), attr)
-    except ImportError as e:
-        if e.name != module: raise
-        raise UsageError(f"{option} needs {module}, not installed in this version") from None
 
 # %% ../../nbs/60_cli.core.ipynb #f5672744
 def _ds(): return importlib.import_module('fastcls.data.datasets')  # imported when used: `fastcls predict model.onnx` needs no torch
@@ -102,20 +95,12 @@ def csv_df(path, valid_pct:float=0.2, seed:int=42) -> pd.DataFrame:
     return res
 
 # %% ../../nbs/60_cli.core.ipynb #17f625eb
-def check_images(df:pd.DataFrame, skip_bad:bool=False) -> pd.DataFrame:
-    "`df` after opening every image: an unreadable one raises a `UsageError` naming it, or is dropped with a warning if `skip_bad`"
-    from PIL import Image
-    bad = []
-    for f in df.fname:
-        try:
-            with Image.open(f) as im: im.load()
-        except Exception as e: bad.append((f, f'{type(e).__name__}: {e}'))
-    if not bad: return df
-    if not skip_bad:
-        raise UsageError(f"cannot read image {bad[0][0]} ({bad[0][1]}); {len(bad)} unreadable image(s) in all. "
-                         "Fix or remove them, or pass --skip-bad to skip them with a warning")
-    warnings.warn(f"skipping {len(bad)} unreadable image(s): {', '.join(f for f,_ in bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    return df[~df.fname.isin([f for f,_ in bad])].reset_index(drop=True)
+def _checked(df:pd.DataFrame, skip_bad:bool=False) -> pd.DataFrame:
+    "`df` whose images and labels pass `fastcls.data.check.check_images` (corrupt, tiny, alpha, 16-bit, label only in validation)"
+    from fastcls.data.check import check_images  # imported when used: `fastcls predict model.onnx` needs no torch
+    try: ok = check_images(df.fname, df.label, df.is_valid, on_error='skip' if skip_bad else 'raise')
+    except ValueError as e: raise UsageError(str(e).replace("pass on_error='skip'", "pass --skip-bad")) from None
+    return df[ok.values].reset_index(drop=True)
 
 def data_df(data:str='elpv', valid_pct:float=0.2, seed:int=42, skip_bad:bool=False) -> tuple:
     "(fname,label,is_valid DataFrame, default augmentation) of a built-in dataset name, a folder or a CSV file"
@@ -125,7 +110,7 @@ def data_df(data:str='elpv', valid_pct:float=0.2, seed:int=42, skip_bad:bool=Fal
     elif p.is_file() and p.suffix.lower() == '.csv': df = csv_df(p, valid_pct, seed)
     elif p.exists(): raise UsageError(f"--data {data} is a file but not a .csv; give a folder, a CSV or one of: {', '.join(datasets.names)}")
     else: raise UsageError(f"--data {data}: folder or CSV file does not exist (built-in datasets: {', '.join(datasets.names)})")
-    df = check_images(df, skip_bad)
+    df = _checked(df, skip_bad)
     for split,nm in ((False, 'training'), (True, 'validation')):
         if not (df.is_valid == split).any(): raise UsageError(f"{data} has no {nm} images")
     if df.label.nunique() < 2: raise UsageError(f"{data} has a single class ({df.label.iloc[0]}); classification needs two or more")
@@ -139,55 +124,27 @@ def make_dls(df:pd.DataFrame, size:int=96, bs:int=64, seed:int=42, aug=True):
 
 # %% ../../nbs/60_cli.core.ipynb #1af67e6e
 def _cutmixup(kind:str):
-    "`fastcls.mixup.CutMixUp` doing `kind` (mixup, cutmix or both); fastai's `MixUp`/`CutMix` while it is not installed"
-    try: from fastcls.mixup import CutMixUp
-    except ImportError as e:
-        if e.name != 'fastcls.callback.mixup': raise
-        CutMixUp = None
-    if CutMixUp is not None: return CutMixUp(mixup_alpha=0.4, cutmix_alpha=1., switch_prob=dict(mixup=0., cutmix=1.).get(kind, 0.5))
-    if kind == 'cutmixup': raise UsageError("--mix cutmixup needs fastcls.mixup, not installed in this version")
-    from fastai.callback.mixup import MixUp, CutMix
-    return MixUp(0.4) if kind == 'mixup' else CutMix(1.)
+    "`CutMixUp` doing `kind`: mixup (α 0.4), cutmix (α 1) or both"
+    from fastcls.callback.mixup import CutMixUp
+    return CutMixUp(mixup_alpha=0.4, cutmix_alpha=1., switch_prob=dict(mixup=0., cutmix=1.).get(kind, 0.5))
 
 mixes = Registry('mix')
 mixes.register('none', lambda: None)
 for _k in ('mixup', 'cutmix', 'cutmixup'): mixes.register(_k, lambda _k=_k: _cutmixup(_k))
 
-def class_weights(dls, power:float=0.5):
-    "Per-class weights $(n_{max}/n_c)^{power}$ of the training labels of `dls` (1 for the largest class)"
-    import torch
-    y = torch.tensor([int(t) for t in dls.train_ds.tls[-1]])  # the label pipeline only: no image is opened
-    n = torch.bincount(y, minlength=len(dls.vocab)).float().clamp_min(1)
-    return (n.max()/n)**power
-
-def _weighted_ce(dls, power:float=0.5):
-    "Cross-entropy weighted by `class_weights` (plain torch, no long-tail module needed)"
-    from fastai.losses import CrossEntropyLossFlat
-    return CrossEntropyLossFlat(weight=class_weights(dls, power).to(dls.device or 'cpu'))
-
-builtin_losses = Registry('loss')
-builtin_losses.register('ce', lambda dls: None, doc='cross-entropy (the default of the head)')
-builtin_losses.register('wce', _weighted_ce, aliases=('weighted_ce',), doc='cross-entropy weighted by sqrt(n_max/n_c)')
-
-def _loss_registry(name:str):
-    "The registry that has loss `name`: the built-in ones, else `fastcls.losses.losses`"
-    if name in builtin_losses: return builtin_losses
-    try: return _optional('fastcls.losses.longtail', 'losses', f'--loss {name}')
-    except UsageError as e: raise UsageError(f"{e}; built-in losses: {', '.join(builtin_losses.names)}") from None
+def _is_default(name): return name is None or name.lower() == 'default'
 
 def loss_from_name(name:str, dls):
-    "The loss `name` (built-in ce or wce, else from `fastcls.losses.losses`) built for `dls`; `None` means the head's default"
-    if name is None: return None
-    return _loss_registry(name)[name](dls)
+    "`fastcls.losses.longtail.losses[name]` built for `dls`; 'default' is the head's own loss (`None`)"
+    from fastcls.losses.longtail import losses
+    return None if _is_default(name) else losses[name](dls)
 
-def _sampler_registry(name:str): return _optional('fastcls.data.samplers', 'samplers', f'--sampler {name}')
-
-def sampled_dls(name:str, dls, epochs:int|None=None, seed:int|None=None):
-    "`dls` whose training loader samples by `name` from `fastcls.samplers.samplers`; 'none' keeps random sampling"
+def _with_sampler(name:str, dls, epochs:int|None=None, seed:int|None=None):
+    "`dls` whose training loader samples by `samplers[name]`; 'none' keeps random sampling"
     if name is None or name.lower() == 'none': return dls
-    f = _sampler_registry(name)[name]
-    ps = inspect.signature(f).parameters
-    kw = {k:v for k,v in dict(n_epoch=epochs, seed=seed).items() if k in ps and v is not None}
+    from fastcls.data.samplers import samplers
+    f = samplers[name]
+    kw = {k:v for k,v in dict(n_epoch=epochs, seed=seed).items() if v is not None and k in inspect.signature(f).parameters}
     return f(dls, **kw)
 
 # %% ../../nbs/60_cli.core.ipynb #e401cfe2
@@ -217,22 +174,21 @@ def run_config(recipe:str|None=None, **opts) -> dict:
 
 def check_config(cfg:dict):
     "Raise a `UsageError` naming the first invalid option of `cfg`, before any data are loaded"
-    import timm, fastcls.all  # noqa: F401  (registers every pool, head and attention of this version)
+    import timm
     from fastcls.layers.attention import attentions
     from fastcls.layers.pooling import pools
     from fastcls.layers.heads import heads
+    from fastcls.data.samplers import samplers
+    from fastcls.losses.longtail import losses
     if not timm.is_model(cfg['arch']):
         from fastcls.models import _unknown_arch
         raise UsageError(str(_unknown_arch(cfg['arch'])))
     try:
         if cfg['attn'] is not None: attentions.resolve(cfg['attn'])
         pools.resolve(cfg['pool']); heads.resolve(cfg['head']); mixes.resolve(cfg['mix'])
-    except ValueError as e: raise UsageError(str(e)) from None
-    try:
-        _loss_registry(cfg['loss']).resolve(cfg['loss'])
-        if cfg['sampler'].lower() != 'none': _sampler_registry(cfg['sampler']).resolve(cfg['sampler'])
-    except UsageError: raise
-    except ValueError as e: raise UsageError(str(e)) from None
+        if not _is_default(cfg['loss']): losses.resolve(cfg['loss'])
+        if cfg['sampler'].lower() != 'none': samplers.resolve(cfg['sampler'])
+    except ValueError as e: raise UsageError(f"{e}{' (or default: the head’s own loss)' if 'Unknown loss' in str(e) else ''}") from None
     for k,lo in (('epochs', 1), ('size', 16), ('bs', 1)):
         if cfg[k] < lo: raise UsageError(f"--{k} must be at least {lo}, got {cfg[k]}")
     if not cfg['lr'] > 0: raise UsageError(f"--lr must be positive, got {cfg['lr']}")
@@ -260,7 +216,7 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
     df,aug = data_df(data, valid_pct, cfg['seed'], skip_bad)
     if out is not None: out = check_out(out)
     set_seed(cfg['seed'], reproducible=True)
-    dls = sampled_dls(cfg['sampler'], make_dls(df, cfg['size'], cfg['bs'], cfg['seed'], aug), cfg['epochs'], cfg['seed'])
+    dls = _with_sampler(cfg['sampler'], make_dls(df, cfg['size'], cfg['bs'], cfg['seed'], aug), cfg['epochs'], cfg['seed'])
     mix = mixes[cfg['mix']]()
     learn = cls_learner(dls, cfg['arch'], attn=cfg['attn'], pool=cfg['pool'], head=cfg['head'], pretrained=cfg['pretrained'],
                         loss_func=loss_from_name(cfg['loss'], dls), cbs=[mix] if mix is not None else None)
@@ -322,10 +278,10 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           arch:str=None, # timm model name [tf_efficientnet_lite0]
           attn:str=None, # attention in the residual blocks: se, eca, cbam, coord, ... or none [none]
           pool:str=None, # pooling: avg, max, avgmax, catavgmax [avg]
-          head:str=None, # classifier head: fastai, linear, or a margin head when installed [fastai]
-          loss:str=None, # loss: ce, wce (class-weighted ce), or a name from fastcls.losses when installed [ce]
+          head:str=None, # classifier head: a name in `heads` (fastai, linear, arcface, ...) [fastai]
+          loss:str=None, # loss: default (the head's own), or a name in `losses` (ce, wce: class-weighted ce, focal, ldam, ...) [ce]
           mix:str=None, # mixing augmentation: none, mixup, cutmix, cutmixup [none]
-          sampler:str=None, # training sampler: none, or a name from fastcls.samplers when installed [none]
+          sampler:str=None, # training sampler: none, or a name in `samplers` (class_balanced, sqrt, progressive, ...) [none]
           epochs:int=None, # training epochs (after one frozen epoch when pretrained) [4]
           lr:float=None, # peak learning rate of the one-cycle schedule [2e-3]
           size:int=None, # image size in pixels [128]
@@ -365,7 +321,7 @@ def _version_diff(folder:Path) -> str:
     return ', '.join(f"{k} {then[k]} (installed: {now[k]})" for k in now if k in then and str(then[k]) != str(now[k]))
 
 def load_model(model):
-    "The learner in `model`: a `fastcls train` folder (export.pkl, else save_weights' config.json + model.safetensors) or an export.pkl"
+    "The learner in `model`: a `fastcls train` folder (save_weights' config.json + model.safetensors, no unpickling; else export.pkl) or an export.pkl"
     from fastai.learner import load_learner
     p = Path(model)
     if not p.exists(): raise UsageError(f"--model {model} does not exist")
@@ -375,10 +331,10 @@ def load_model(model):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*load_learner.*')
-            if fn.is_file(): learn = load_learner(fn, cpu=True)
-            elif (folder/'config.json').is_file() and (folder/'model.safetensors').is_file():
-                from fastcls.weights import load_cls_learner
+            if p.is_dir() and (folder/'config.json').is_file() and (folder/'model.safetensors').is_file():
+                from fastcls.weights import load_cls_learner  # no unpickling
                 learn = load_cls_learner(folder)
+            elif fn.is_file(): learn = load_learner(fn, cpu=True)
             else: raise UsageError(f"--model {model}: no exported learner (export.pkl) nor saved weights (config.json, model.safetensors) "
                                    "there; train one with fastcls train --out DIR")
     except UsageError: raise
@@ -475,10 +431,13 @@ def predict(*paths:str, # image files, folders of images, or a CSV with columns 
 commands = {'train': train, 'predict': predict, 'experiments': 'fastcls.cli.experiments', 'weights': 'fastcls.cli.weights',
             'export': 'fastcls.cli.export', 'report': 'fastcls.cli.report', 'pretrain': 'fastcls.cli.pretrain'}
 
+@contextlib.contextmanager
 def _quiet_libraries():
-    "Hide library warnings that say nothing to CLI users; show ours as one line"
-    for cat in (FutureWarning, DeprecationWarning): warnings.filterwarnings('ignore', category=cat)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"fastcls: warning: {msg}\n"
+    "Within the context: library warnings that say nothing to CLI users hidden, ours shown as one line"
+    with warnings.catch_warnings():  # restores the filters and `showwarning` afterwards
+        for cat in (FutureWarning, DeprecationWarning): warnings.filterwarnings('ignore', category=cat)
+        warnings.showwarning = lambda msg, cat, *a, **k: print(f"fastcls: warning: {msg}", file=sys.stderr)
+        yield
 
 def main(argv=None):
     "Entry point of the `fastcls` console script"
@@ -493,12 +452,13 @@ def main(argv=None):
     ps = inspect.signature(cmd).parameters.values()
     pos = [kw.pop(p.name) for p in ps if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
     pos += [a for p in ps if p.kind is p.VAR_POSITIONAL for a in kw.pop(p.name)]
-    if not os.environ.get('FASTCLS_DEBUG'): _quiet_libraries()
-    try: cmd(*pos, **kw)
-    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
-        if os.environ.get('FASTCLS_DEBUG'): raise
-        print(f"fastcls {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+    debug = bool(os.environ.get('FASTCLS_DEBUG'))
+    with contextlib.nullcontext() if debug else _quiet_libraries():
+        try: cmd(*pos, **kw)
+        except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+            if debug: raise
+            print(f"fastcls {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 # %% ../../nbs/60_cli.core.ipynb #7769cdec

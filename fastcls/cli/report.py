@@ -7,23 +7,24 @@ from __future__ import annotations
 import json, platform
 from pathlib import Path
 import numpy as np
+import fastcls.weights  # noqa: F401  (`ClsLearner.save_weights`)
 
 # %% auto #0
 __all__ = ['report_figures', 'metrics_from_preds', 'classification_report', 'plot_confusion', 'plot_recall', 'history',
-           'plot_curve', 'versions', 'write_weights', 'write_report', 'report_html', 'report', 'plot_comparison',
-           'comparison_html']
+           'plot_curve', 'versions', 'write_report', 'report_html', 'report', 'plot_comparison', 'comparison_html']
 
 # %% ../../nbs/61_cli.report.ipynb #49f9fa52
 def metrics_from_preds(probs, targs, vocab) -> dict:
     "Accuracy, balanced accuracy, per-class recall and confusion matrix of `probs` (N,C) against `targs` (N,)"
+    import torch
     from sklearn.metrics import confusion_matrix
+    from fastcls.metrics.longtail import class_recall, balanced_acc
     preds,targs = np.asarray(probs).argmax(1),np.asarray(targs)
-    labels = np.arange(len(vocab))
-    cm = confusion_matrix(targs, preds, labels=labels)
+    cm = confusion_matrix(targs, preds, labels=np.arange(len(vocab)))
     support = cm.sum(1)
-    recall = np.divide(np.diag(cm), support, out=np.zeros(len(vocab)), where=support > 0)
+    recall = class_recall(torch.as_tensor(preds), torch.as_tensor(targs), len(vocab)).nan_to_num(0.).numpy()  # absent class: 0
     counts = np.bincount(targs, minlength=len(vocab))
-    return dict(accuracy=float((preds == targs).mean()), balanced_accuracy=float(recall[support > 0].mean()),
+    return dict(accuracy=float((preds == targs).mean()), balanced_accuracy=float(balanced_acc(torch.as_tensor(probs), torch.as_tensor(targs))),
                 per_class_recall={str(c): float(r) for c,r in zip(vocab, recall)},
                 majority_accuracy=float(counts.max()/counts.sum()), n_valid=int(len(targs)),
                 support={str(c): int(n) for c,n in zip(vocab, support)}, confusion_matrix=cm.tolist())
@@ -93,27 +94,10 @@ def versions() -> dict:
     return dict(fastcls=fastcls.__version__, fastai=fastai.__version__, timm=timm.__version__,
                 torch=torch.__version__, python=platform.python_version())
 
-def write_weights(learn, out, config:dict|None=None):
-    "`model.safetensors` and `config.json` in `out`: by `fastcls.weights` when installed, else the plain `state_dict` and run config"
-    if hasattr(learn, 'save_weights'): return learn.save_weights(out)
-    try: import fastcls.weights  # noqa: F401  (patches `ClsLearner.save_weights` when present)
-    except ImportError as e:
-        if e.name != 'fastcls.weights': raise
-    if hasattr(learn, 'save_weights'): return learn.save_weights(out)
-    from safetensors.torch import save_file
-    out = Path(out)
-    sd = {k: v.detach().cpu().contiguous() for k,v in learn.model.state_dict().items()}
-    save_file(sd, out/'model.safetensors', metadata={'format': 'pt', 'arch': str(getattr(learn, 'arch', ''))})
-    cfg = dict(config or {}, vocab=[str(v) for v in learn.dls.vocab], n_out=len(learn.dls.vocab))
-    (out/'config.json').write_text(json.dumps(cfg, indent=2, default=str))
-
 def _gradcam(learn, fname, n:int=9):
-    "Save a Grad-CAM grid on `n` validation images when `fastcls.interpret` (which adds `Learner.show_gradcam`) is installed"
-    try: import fastcls.interpret  # noqa: F401
-    except ImportError as e:
-        if e.name != 'fastcls.interpret': raise
-        return None
+    "Save a Grad-CAM grid on `n` validation images (`Learner.show_gradcam`)"
     import matplotlib.pyplot as plt
+    import fastcls.interpret  # noqa: F401  (`Learner.show_gradcam`)
     learn.show_gradcam(n=min(n, len(learn.dls.valid_ds)), fname=fname)
     plt.close('all')
     return fname
@@ -134,7 +118,7 @@ def write_report(learn, out, config:dict|None=None, wall_seconds:float|None=None
     plot_curve(learn.recorder.losses, hist, out/'training_curve.png')
     if export:
         learn.export(out.absolute()/'export.pkl')
-        write_weights(learn, out, config)
+        learn.save_weights(out)  # model.safetensors + config.json: `fastcls predict` loads these without unpickling
     _gradcam(learn, out/'gradcam.png')
     _gradcam_split(learn, out, probs.numpy(), targs.numpy())
     _top_losses(learn, out/'top_losses.png')

@@ -67,9 +67,12 @@ def _write_atomic_dir(dest:Path, write):
     "Fill `dest` by `write(tmp_dir)` then rename, so parallel writers never see a half-written folder"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent))
-    write(tmp)
+    try: write(tmp)
+    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     try: tmp.rename(dest)
-    except OSError: shutil.rmtree(tmp)  # another process got there first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir(): raise  # not another process that got there first: a real error (permissions, disk)
 
 def _write_digits(tmp:Path):
     from sklearn.datasets import load_digits

@@ -100,10 +100,7 @@ for _nm,_q,_al in (('instance', 1., ('ib',)), ('class_balanced', 0., ('cb', 'cla
 samplers.register('progressive', lambda dls, n_epoch, **kw: sampled_dls(dls, q=None, n_epoch=n_epoch, **kw), aliases=('pb', 'progressively_balanced'))
 
 # %% ../../nbs/13_data.samplers.ipynb #fc5c431e
-def _train_labels(ds):
-    "Integer class of every item of a fastai `Datasets`, read without loading the inputs"
-    tl = ds.tls[-1] if hasattr(ds, 'tls') else None
-    return np.array([int(tl[i]) for i in range(len(tl))] if tl is not None else [int(ds[i][-1]) for i in range(len(ds))])
+def _train_labels(ds): return train_labels(ds).numpy()  # the one label reader (`fastcls.losses.longtail.train_labels`)
 
 def _pk_idxs(labels, p, k, n_batches, rng):
     by_cls = [np.flatnonzero(labels == c) for c in np.unique(labels)]

@@ -13,10 +13,10 @@ from fastai.vision.learner import create_head
 from ..core import Registry
 
 # %% auto #0
-__all__ = ['heads', 'margin_heads', 'fastai_head', 'linear_head', 'NormedLinear', 'normed_linear_head', 'CosineLinear', 'BNNeck',
-           'MarginHead', 'arcface_margin', 'cosface_margin', 'sphereface_psi', 'ArcFaceHead', 'CosFaceHead',
-           'SphereFaceHead', 'AdaCosHead', 'MarginCrossEntropy', 'EmbeddingHead', 'embedding_module',
-           'capture_embeddings']
+__all__ = ['heads', 'margin_heads', 'fastai_head', 'linear_head', 'NormedLinear', 'normed_linear_head', 'TauNormLinear',
+           'LWSLinear', 'CosineLinear', 'BNNeck', 'MarginHead', 'arcface_margin', 'cosface_margin', 'sphereface_psi',
+           'ArcFaceHead', 'CosFaceHead', 'SphereFaceHead', 'AdaCosHead', 'MarginCrossEntropy', 'EmbeddingHead',
+           'embedding_module', 'capture_embeddings']
 
 # %% ../../nbs/03_layers.heads.ipynb #516914bd
 heads = Registry('head')
@@ -45,6 +45,20 @@ class NormedLinear(nn.Module):
 def normed_linear_head(nf, n_out):
     "The cosine `NormedLinear` classifier that LDAM expects"
     return nn.Sequential(NormedLinear(nf, n_out))
+
+# %% ../../nbs/03_layers.heads.ipynb #14a824e4
+class TauNormLinear(nn.Module):
+    "A trained `nn.Linear` with weights divided by their norm to the power `tau`, bias dropped"
+    def __init__(self, lin:nn.Linear, tau:float=1.): super().__init__(); self.lin,self.tau = lin,tau
+    def forward(self, x):
+        w = self.lin.weight
+        return x @ (w / w.norm(dim=1, keepdim=True).pow(self.tau)).t()
+
+class LWSLinear(nn.Module):
+    "A frozen classifier whose logits are scaled per class by learnable `scales` (LWS)"
+    def __init__(self, lin:nn.Module, n_out:int):
+        super().__init__(); self.lin,self.scales = lin,nn.Parameter(torch.ones(n_out))
+    def forward(self, x): return self.lin(x) * self.scales
 
 # %% ../../nbs/03_layers.heads.ipynb #272da6ac
 class CosineLinear(nn.Module):
@@ -150,8 +164,8 @@ class SphereFaceHead(MarginHead):
         "λ now: fixed `lam`, or the annealed value at iteration `it`"
         if self.lam is not None: return self.lam
         return max(self.lam_min, self.base * (1 + self.gamma*int(self.it))**(-self.power))
+    def on_step(self): self.it += 1  # called by `ClsLearner` after each optimizer step
     def margin_logits(self, logits, targ):
-        if torch.is_grad_enabled(): self.it += 1
         lam,cos_y = self.current_lambda(),self.cosine(logits).gather(1, targ[:, None])[:, 0]
         return self._with_target(logits, targ, (sphereface_psi(cos_y, self.margin) + lam*cos_y) / (1 + lam))
 

@@ -92,6 +92,6 @@ class BAPool(nn.Module):
     def extra_repr(self): return f"M={self.M}, scale={self.scale}"
 
 # %% ../../nbs/02_layers.pooling.ipynb #e8e00e92
-pools.register('gem', lambda nf: GeMPool())
-pools.register('bilinear', lambda nf: BilinearPool(nf, dim=256 if nf > 256 else None))
-pools.register('bap', lambda nf: BAPool(nf))
+pools.register('gem', lambda nf, **kw: GeMPool(**kw))
+pools.register('bilinear', lambda nf, dim='auto', **kw: BilinearPool(nf, dim=(256 if nf > 256 else None) if dim == 'auto' else dim, **kw))
+pools.register('bap', lambda nf, **kw: BAPool(nf, **kw))

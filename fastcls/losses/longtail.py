@@ -8,17 +8,18 @@ import math
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr
+from fastai.losses import CrossEntropyLossFlat
 from ..core import Registry
 
 # %% auto #0
-__all__ = ['losses', 'train_labels', 'class_counts', 'check_counts', 'LongTailLoss', 'SoftmaxFocalLoss', 'SigmoidFocalLoss',
-           'cb_weights', 'ClassBalancedLoss', 'ldam_margins', 'LDAMLoss', 'log_prior', 'logit_adjust',
-           'BalancedSoftmaxLoss', 'LogitAdjustedLoss', 'LogitAdjust']
+__all__ = ['losses', 'train_labels', 'class_counts', 'class_weights', 'check_counts', 'LongTailLoss', 'SoftmaxFocalLoss',
+           'SigmoidFocalLoss', 'cb_weights', 'ClassBalancedLoss', 'ldam_margins', 'LDAMLoss', 'log_prior',
+           'logit_adjust', 'BalancedSoftmaxLoss', 'LogitAdjustedLoss', 'LogitAdjust']
 
 # %% ../../nbs/06_losses.longtail.ipynb #92048632
 def train_labels(dls) -> Tensor:
-    "Class index of every item of the training set of `dls` (read through the label pipeline, images are not loaded)"
-    ds = dls.train_ds if hasattr(dls, 'train_ds') else dls.dataset
+    "Class index of every item of the training set of `dls` (or of a dataset; read through the label pipeline, images are not loaded)"
+    ds = dls.train_ds if hasattr(dls, 'train_ds') else getattr(dls, 'dataset', dls)
     tls = getattr(ds, 'tls', None)
     if tls is not None: ys = [tls[getattr(ds, 'n_inp', 1)][i] for i in range(len(ds))]
     else: ys = [ds[i][-1] for i in range(len(ds))]
@@ -27,6 +28,11 @@ def train_labels(dls) -> Tensor:
 def class_counts(dls) -> Tensor:
     "Number of training items of each class of `dls.vocab` (zeros included)"
     return torch.bincount(train_labels(dls), minlength=len(dls.vocab))
+
+def class_weights(dls, power:float=0.5) -> Tensor:
+    "Per-class weights $(n_{max}/n_c)^{power}$ from `class_counts` (1 for the largest class; an empty class counts as 1)"
+    n = class_counts(dls).float().clamp_min(1)
+    return (n.max()/n)**power
 
 def check_counts(counts, vocab=None) -> Tensor:
     "`counts` as a float tensor, after checking it is one positive count per class of `vocab`"
@@ -168,7 +174,9 @@ losses = Registry('loss')
 def _counts(dls, counts=None) -> Tensor:
     return check_counts(class_counts(dls) if counts is None else counts, dls.vocab)
 
-losses.register('ce', lambda dls, **kw: nn.CrossEntropyLoss(**kw), aliases=('cross_entropy',))
+losses.register('ce', lambda dls, **kw: CrossEntropyLossFlat(**kw), aliases=('cross_entropy',))
+losses.register('wce', lambda dls, power=0.5, **kw: CrossEntropyLossFlat(weight=class_weights(dls, power).to(dls.device or 'cpu'), **kw),
+                aliases=('weighted_ce',))
 losses.register('focal', lambda dls, **kw: SoftmaxFocalLoss(**kw), aliases=('softmax_focal',))
 losses.register('sigmoid_focal', lambda dls, **kw: SigmoidFocalLoss(**kw))
 losses.register('cb', lambda dls, counts=None, **kw: ClassBalancedLoss(_counts(dls, counts), **kw), aliases=('class_balanced',))

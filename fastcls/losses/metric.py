@@ -44,7 +44,8 @@ def batch_hard_triplet(emb, targ, margin:float|str=0.3, normalize:bool=False):
     if emb.ndim != 2: raise ValueError(f"embeddings must be (B, d), got shape {tuple(emb.shape)}")
     targ = targ.long().view(-1).to(emb.device)
     if normalize: emb = F.normalize(emb, dim=-1)
-    d = (emb[:, None] - emb[None]).pow(2).sum(-1).add(1e-12).sqrt()
+    sq = emb.pow(2).sum(1)
+    d = (sq[:, None] + sq[None] - 2 * emb @ emb.t()).clamp_min(0).add(1e-12).sqrt()  # Gram matrix: O(B²) memory, not B×B×d
     same = targ[:, None] == targ[None]
     pos,neg = same & ~torch.eye(len(emb), dtype=torch.bool, device=emb.device), ~same
     ok = pos.any(1) & neg.any(1)
