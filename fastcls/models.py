@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_models.ipynb #868657da
 from __future__ import annotations
-import difflib
+import difflib, inspect
 import torch, timm
 from torch import nn
 from fastai.vision.learner import apply_init
@@ -15,7 +15,7 @@ from .layers.heads import heads
 from .layers.attention import add_attention, attention_params
 
 # %% auto #0
-__all__ = ['TimmFeatures', 'create_timm_body', 'create_cls_model', 'cls_splitter']
+__all__ = ['TimmFeatures', 'create_timm_body', 'TimmPool', 'create_cls_model', 'cls_splitter']
 
 # %% ../nbs/05_models.ipynb #b55eafba
 class TimmFeatures(nn.Module):
@@ -33,26 +33,59 @@ def _unknown_arch(arch):
 
 def create_timm_body(arch, # a timm model name, or a callable `(pretrained, **kwargs)` returning a timm-style model
                      pretrained:bool=True, n_in:int=3, **kwargs) -> TimmFeatures:
-    "A `TimmFeatures` for `arch` with its classifier and pooling removed and pretrained weights loaded"
+    "A `TimmFeatures` for `arch` with its classifier removed and pretrained weights loaded"
     if isinstance(arch, str):
         if not timm.is_model(arch): raise _unknown_arch(arch)
-        model = timm.create_model(arch, pretrained=pretrained, num_classes=0, global_pool='', in_chans=n_in, **kwargs)
+        model = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=n_in, **kwargs)
     elif callable(arch):
         model = arch(pretrained=pretrained, **kwargs)
-        if hasattr(model, 'reset_classifier'): model.reset_classifier(0, '')
+        if hasattr(model, 'reset_classifier'): model.reset_classifier(0)
     else: raise TypeError(f"arch must be a timm model name or a callable returning a model, got {arch!r}")
     if not hasattr(model, 'forward_features'):
         raise ValueError(f"{type(model).__name__} has no `forward_features`; fastcls needs timm-style models")
     return TimmFeatures(model)
 
 # %% ../nbs/05_models.ipynb #3327ecc1
-def _feature_shape(body, n_in, size=64):
+class TimmPool(nn.Module):
+    "timm's own pooling of `body`'s features: `forward_head(x, pre_logits=True)` (class token, average, attention pool)"
+    def __init__(self, body:TimmFeatures):
+        super().__init__()
+        self._src = [body.model]  # not a submodule: the parameters it uses (fc_norm, attn_pool) stay in the body's group
+    def forward(self, x): return self._src[0].forward_head(x, pre_logits=True)
+
+def _run_body(body, n_in, size):
     was = body.training
     body.eval()
     try:
-        with torch.no_grad(): f = body(torch.zeros(1, n_in, size, size))
+        with torch.no_grad(): return body(torch.zeros(1, n_in, *size))
     finally: body.train(was)
-    return f.shape
+
+def _input_size(model, model_kwargs=None):
+    "(H, W) `model` is built for: `img_size` from `model_kwargs` if given, else its `pretrained_cfg['input_size']`"
+    s = (model_kwargs or {}).get('img_size') or (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))[-2:]
+    return tuple(s) if isinstance(s, (tuple, list)) else (s, s)
+
+def _feature_shape(body, n_in, model_kwargs=None):
+    "Features of `body` on a 64 px image, else at the model's own input size (then kept in `body.fixed_size`)"
+    body.fixed_size = None
+    if not (model_kwargs or {}).get('img_size'):
+        try: return _run_body(body, n_in, (64, 64))
+        except Exception: pass
+    body.fixed_size = _input_size(body.model, model_kwargs)
+    try: return _run_body(body, n_in, body.fixed_size)
+    except Exception as e:
+        raise ValueError(f"{type(body.model).__name__} fails on a dummy image of its own input size {body.fixed_size}: {e}") from e
+
+def _is_spatial(body, f):
+    return isinstance(f, torch.Tensor) and f.ndim == 4 and getattr(body.model, 'output_fmt', 'NCHW') == 'NCHW'
+
+def _pool_layer(body, f, pool, pool_fn):
+    "The pooling for features `f`: fastcls's `pool_fn` on a spatial map, timm's own (`TimmPool`) on tokens for pool='avg'"
+    if _is_spatial(body, f): return pool_fn(f.shape[1])
+    if pool == 'avg' and hasattr(body.model, 'forward_head'): return TimmPool(body)
+    shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+    raise ValueError(f"{type(body.model).__name__} gives features of shape {shape}, not a spatial map (B,C,H,W), so pool={pool!r} "
+                     "cannot apply: use pool='avg' (timm's own pooling of tokens, `forward_head(x, pre_logits=True)`)")
 
 def create_cls_model(arch, n_out:int, attn=None, attn_where='all', pool='avg', head:str='fastai',
                      pretrained:bool=True, n_in:int=3, init=nn.init.kaiming_normal_, model_kwargs:dict|None=None,
@@ -62,12 +95,9 @@ def create_cls_model(arch, n_out:int, attn=None, attn_where='all', pool='avg', h
     pool_fn,head_fn = (pool if callable(pool) else pools[pool]),heads[head]
     body = create_timm_body(arch, pretrained=pretrained, n_in=n_in, **ifnone(model_kwargs, {}))
     if attn is not None: add_attention(body.model, attn, attn_where)
-    shape = _feature_shape(body, n_in)
-    if len(shape) != 4:
-        raise ValueError(f"{arch!r} gives features of shape {tuple(shape)}, not a spatial map (B,C,H,W): "
-                         "fastcls heads need a CNN backbone")
-    pool_layer = pool_fn(shape[1])
-    with torch.no_grad(): nf = pool_layer.eval()(torch.zeros(2, *shape[1:])).shape[-1]
+    f = _feature_shape(body, n_in, model_kwargs)
+    pool_layer = _pool_layer(body, f, pool, pool_fn)
+    with torch.no_grad(): nf = pool_layer.eval()(f if isinstance(pool_layer, TimmPool) else torch.zeros(2, *f.shape[1:])).shape[-1]
     try: clf = head_fn(nf, n_out, **head_kwargs)
     except TypeError as e: raise ValueError(f"head {head!r} does not take these arguments: {e}") from e
     if init is not None and head == 'fastai': apply_init(clf, init)
