@@ -591,6 +591,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                 'fastcls/layers/pooling.py')},
             'fastcls.learner': { 'fastcls.learner.ClsLearner': ('learner.html#clslearner', 'fastcls/learner.py'),
                                  'fastcls.learner.ClsLearner.create_opt': ('learner.html#clslearner.create_opt', 'fastcls/learner.py'),
+                                 'fastcls.learner._data_size': ('learner.html#_data_size', 'fastcls/learner.py'),
+                                 'fastcls.learner._fit_input_size': ('learner.html#_fit_input_size', 'fastcls/learner.py'),
                                  'fastcls.learner._lr_mult': ('learner.html#_lr_mult', 'fastcls/learner.py'),
                                  'fastcls.learner.cls_learner': ('learner.html#cls_learner', 'fastcls/learner.py'),
                                  'fastcls.learner.module_opt_state': ('learner.html#module_opt_state', 'fastcls/learner.py')},
