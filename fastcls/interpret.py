@@ -125,14 +125,30 @@ def find_cam_layer(model:nn.Module, # the model
                      + (f" (or relative to the timm model at {prefix[:-1]!r})" if prefix else ''))
 
 # %% ../nbs/40_interpret.ipynb #e300e0d4
+def _grid(n, in_hw):
+    "(h, w) with h*w == n and the input's aspect ratio, or None"
+    H,W = in_hw
+    h = max(1, round(math.sqrt(n*H/W)))
+    return (h, n//h) if n % h == 0 else None
+
+def _nhwc(o, tm):
+    "Is the 4-D output `o` channels-last? The model says so, or its last `feature_info` channels sit last"
+    if getattr(tm, 'output_fmt', 'NCHW') == 'NHWC': return True
+    c = (getattr(tm, 'feature_info', None) or [{}])[-1].get('num_chs')
+    return c is not None and o.shape[-1] == c and o.shape[1] != c
+
 def _to_nchw(o:Tensor, tm, in_hw, name):
     "View the target layer's output `o` as a (B,C,h,w) map"
-    if o.ndim == 4: return o.permute(0,3,1,2) if getattr(tm, 'output_fmt', 'NCHW') == 'NHWC' else o
-    if o.ndim == 3 and tm is not None and _is_vit(tm):
-        p,n = tm.num_prefix_tokens,o.shape[1]-tm.num_prefix_tokens
-        gh,gw = tm.patch_embed.grid_size
-        if gh*gw != n: (ph,pw),(H,W) = tm.patch_embed.patch_size,in_hw; gh,gw = H//ph,W//pw
-        if gh*gw == n: return o[:, p:].reshape(o.shape[0], gh, gw, o.shape[2]).permute(0,3,1,2)
+    if o.ndim == 4: return o.permute(0,3,1,2) if _nhwc(o, tm) else o
+    if o.ndim == 3 and tm is not None:
+        p = getattr(tm, 'num_prefix_tokens', 0) or 0
+        n,g = o.shape[1]-p,None
+        if _is_vit(tm) and hasattr(tm, 'patch_embed'):
+            gh,gw = tm.patch_embed.grid_size
+            if gh*gw != n: (ph,pw),(H,W) = tm.patch_embed.patch_size,in_hw; gh,gw = H//ph,W//pw
+            if gh*gw == n: g = gh,gw
+        g = g or _grid(n, in_hw)  # other token models (LeViT, EfficientFormer…): the token grid has the input's aspect ratio
+        if g: return o[:, p:].reshape(o.shape[0], *g, o.shape[2]).permute(0,3,1,2)
     raise ValueError(f"layer {name!r} gives an output of shape {tuple(o.shape)}, not a spatial map (B,C,H,W) "
                      "or ViT tokens: choose a layer with spatial output (see `find_cam_layer`)")
 
