@@ -142,8 +142,8 @@ def sweep(fams=None, attns=('se', 'cbam'), archs=None, verbose=True):
         for f in fams:
             arch = (archs or {}).get(f) or smallest(allf[f])
             try:
-                with time_limit(300): r = check_family(f, arch, attns, tmp)
-            except _Timeout as e: r = dict(family=f, arch=arch, size=SIZE, build=_err(e), train='', export='', cam='', attn={}, kind='', seconds=300)
+                with time_limit(150): r = check_family(f, arch, attns, tmp)
+            except _Timeout as e: r = dict(family=f, arch=arch, size=SIZE, build=_err(e), train='', export='', cam='', attn={}, kind='', seconds=150)
             rows.append(r)
             if verbose: print(f"{f:28s} {arch:34s} {r['seconds']:6.1f}s build={r['build'][:60]} train={r['train'][:30]} cam={r['cam'][:40]} "
                               + ' '.join(f'{a}={v[:40]}' for a, v in r['attn'].items()), flush=True)

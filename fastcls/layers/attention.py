@@ -243,7 +243,7 @@ def add_attention(model:nn.Module, # a timm CNN, pretrained weights already load
     if between and where != 'stages': sel = _every_other(sel)
     whole = between and where != 'stages'
     chans = _probe(model, sel, whole=whole)
-    todo = [(s, c) for s,c in zip(sel, chans) if c is not None]
+    todo = [(s, c) for s,c in zip(sel, chans) if c is not None and (where != 'stages' or c == model.feature_info[s[4]]['num_chs'])]
     if not todo: raise ValueError(f"no place selected by attn_where={where!r} in {name} sees a (B,C,H,W) feature map. Supported families: {supported_families}")
     for (n,p,a,mode,*_),c in todo:
         if whole:
