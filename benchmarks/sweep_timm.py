@@ -110,6 +110,7 @@ def load_exports(tmp, fams):
     "In a fresh process: `load_learner` each export and compare its outputs with the saved ones"
     from fastai.learner import load_learner
     import fastcls.all  # noqa: F401
+    torch.set_num_threads(1)
     res = {}
     for f in fams:
         try:
@@ -183,7 +184,7 @@ if __name__ == '__main__':
     a = p.parse_args()
     from fastcls.layers.attention import attentions
     attns = [n for n in attentions.names if n != 'ca'] if a.attn == 'all' else a.attn.split(',')
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # on a shared 2-core machine two intra-op threads make convolutions ~100x slower
     t = time.time()
     rows = sweep([f for f in a.families.split(',') if f], attns)
     print(); print(table(rows, attns)); print(); print(summary(rows, attns)); print(f'total {time.time()-t:.0f} s')
