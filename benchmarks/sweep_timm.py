@@ -146,7 +146,8 @@ def sweep(fams=None, attns=('se', 'cbam'), archs=None, verbose=True):
                 with time_limit(150): r = check_family(f, arch, attns, tmp)
             except _Timeout as e: r = dict(family=f, arch=arch, size=SIZE, build=_err(e), train='', export='', cam='', attn={}, kind='', seconds=150)
             rows.append(r)
-            if verbose: print(f"{f:28s} {arch:34s} {r['seconds']:6.1f}s build={r['build'][:60]} train={r['train'][:30]} cam={r['cam'][:40]} "
+            if len(rows) % 20 == 0: fresh_process_exports(rows, tmp)  # in batches: partial runs keep their export results
+            if verbose: print(f"{f:28s} {arch:34s} {r['seconds']:6.1f}s export={r['export'][:20]} build={r['build'][:60]} train={r['train'][:30]} cam={r['cam'][:40]} "
                               + ' '.join(f'{a}={v[:40]}' for a, v in r['attn'].items()), flush=True)
         fresh_process_exports(rows, tmp)
         for r in rows:
