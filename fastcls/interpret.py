@@ -83,7 +83,11 @@ def _timm_model(model):
 def _module_name(model, module):
     return next((n for n,m in model.named_modules() if m is module), None)
 
-def _is_vit(tm): return hasattr(tm, 'blocks') and getattr(tm, 'num_prefix_tokens', None) is not None
+def _is_vit(tm): return hasattr(tm, 'blocks') and _prefix_tokens(tm) is not None
+
+def _prefix_tokens(tm):
+    "Class/register/distillation tokens before the patch tokens (CrossViT: one class token per branch)"
+    return 1 if hasattr(tm, 'num_branches') and getattr(tm, 'num_prefix_tokens', None) is None else getattr(tm, 'num_prefix_tokens', None)
 
 def _spatial_candidates(model, x):
     "Names of the last modules of `model` whose output on `x` is a spatial map (B,C,H,W)"
@@ -95,6 +99,11 @@ def _spatial_candidates(model, x):
     finally:
         for h in hs: h.remove()
     return [n for n,s in shapes.items() if s is not None and len(s) == 4 and s[-1] > 1][-6:]
+
+def _vit_layer(tm):
+    "The input of the last block's attention (`norm1`; in multi-branch blocks like CrossViT's, the last branch's)"
+    n1 = [n for n,_ in tm.blocks[-1].named_modules() if n.split('.')[-1] == 'norm1']
+    return f'blocks.{len(tm.blocks)-1}' + (f'.{n1[-1]}' if n1 else '')
 
 def find_cam_layer(model:nn.Module, # the model
                    layer:str|nn.Module|None=None, # a module name, a module, or None to choose automatically
@@ -112,7 +121,7 @@ def find_cam_layer(model:nn.Module, # the model
             cands = _spatial_candidates(model, x) if x is not None else [n for n,m in model.named_modules() if isinstance(m, nn.Conv2d)][-6:]
             raise ValueError(f"Cannot choose a CAM target layer: no timm model (with `feature_info`) in {type(model).__name__}. "
                              f"Pass `layer=` one of the last layers with spatial output: {', '.join(cands)}")
-        if _is_vit(tm): layer = 'blocks.' + str(len(tm.blocks)-1) + ('.norm1' if hasattr(tm.blocks[-1], 'norm1') else '')
+        if _is_vit(tm): layer = _vit_layer(tm)
         else: layer = tm.feature_info[-1]['module']
         return prefix+layer, tm.get_submodule(layer)
     if not isinstance(layer, str): raise TypeError(f"layer must be a module name or a module, got {type(layer).__name__}")
@@ -126,14 +135,30 @@ def find_cam_layer(model:nn.Module, # the model
                      + (f" (or relative to the timm model at {prefix[:-1]!r})" if prefix else ''))
 
 # %% ../nbs/40_interpret.ipynb #e300e0d4
+def _grid(n, in_hw):
+    "(h, w) with h*w == n and the input's aspect ratio, or None"
+    H,W = in_hw
+    h = max(1, round(math.sqrt(n*H/W)))
+    return (h, n//h) if n % h == 0 else None
+
+def _nhwc(o, tm):
+    "Is the 4-D output `o` channels-last? The model says so, or its last `feature_info` channels sit last"
+    if getattr(tm, 'output_fmt', 'NCHW') == 'NHWC': return True
+    c = (getattr(tm, 'feature_info', None) or [{}])[-1].get('num_chs')
+    return c is not None and o.shape[-1] == c and o.shape[1] != c
+
 def _to_nchw(o:Tensor, tm, in_hw, name):
     "View the target layer's output `o` as a (B,C,h,w) map"
-    if o.ndim == 4: return o.permute(0,3,1,2) if getattr(tm, 'output_fmt', 'NCHW') == 'NHWC' else o
-    if o.ndim == 3 and tm is not None and _is_vit(tm):
-        p,n = tm.num_prefix_tokens,o.shape[1]-tm.num_prefix_tokens
-        gh,gw = tm.patch_embed.grid_size
-        if gh*gw != n: (ph,pw),(H,W) = tm.patch_embed.patch_size,in_hw; gh,gw = H//ph,W//pw
-        if gh*gw == n: return o[:, p:].reshape(o.shape[0], gh, gw, o.shape[2]).permute(0,3,1,2)
+    if o.ndim == 4: return o.permute(0,3,1,2) if _nhwc(o, tm) else o
+    if o.ndim == 3 and tm is not None:
+        p = _prefix_tokens(tm) or 0
+        n,g = o.shape[1]-p,None
+        if _is_vit(tm) and hasattr(getattr(tm, 'patch_embed', None), 'grid_size'):
+            gh,gw = tm.patch_embed.grid_size
+            if gh*gw != n: (ph,pw),(H,W) = tm.patch_embed.patch_size,in_hw; gh,gw = H//ph,W//pw
+            if gh*gw == n: g = gh,gw
+        g = g or _grid(n, in_hw)  # other token models (LeViT, EfficientFormer…): the token grid has the input's aspect ratio
+        if g: return o[:, p:].reshape(o.shape[0], *g, o.shape[2]).permute(0,3,1,2)
     raise ValueError(f"layer {name!r} gives an output of shape {tuple(o.shape)}, not a spatial map (B,C,H,W) "
                      "or ViT tokens: choose a layer with spatial output (see `find_cam_layer`)")
 
@@ -165,14 +190,23 @@ def _check_targets(t, n_out):
     if len(bad): raise ValueError(f"target class {int(bad[0])} is out of range for a model with {n_out} outputs")
 
 # %% ../nbs/40_interpret.ipynb #0516623a
+def _map_index(o):
+    "Blocks returning several tensors (PiT: map and class tokens; TNT: pixel and patch tokens; CrossViT: one per branch): the first map, else the last tokens"
+    ts = [(i, t) for i,t in enumerate(o) if isinstance(t, Tensor) and t.ndim in (3, 4)]
+    return next((i for i,t in ts if t.ndim == 4), ts[-1][0] if ts else None)
+
 def _hooked_forward(model, x, module, name, need_grad):
     "Run `model(x)`, returning its output and the leaf standing for `module`'s output; only the part after it is differentiable"
     store = {}
     def hook(m, i, o):
         if 'A' in store: return
-        if not isinstance(o, Tensor): raise ValueError(f"layer {name!r} returns a {type(o).__name__}, not a tensor: choose another layer")
-        store['A'] = a = o.detach().requires_grad_(need_grad)
-        if need_grad: torch.set_grad_enabled(True); return a.clone()  # `no_grad` below restores the grad mode
+        seq = isinstance(o, (tuple, list))
+        k = _map_index(o) if seq else None
+        if not isinstance(o, Tensor) and k is None: raise ValueError(f"layer {name!r} returns a {type(o).__name__}, not a tensor: choose another layer")
+        store['A'] = a = (o[k] if seq else o).detach().requires_grad_(need_grad)
+        if need_grad:
+            torch.set_grad_enabled(True)  # `no_grad` below restores the grad mode
+            return type(o)([a.clone() if i == k else t for i,t in enumerate(o)]) if seq else a.clone()
     h = module.register_forward_hook(hook)
     try:
         with torch.no_grad(): out = model(x)

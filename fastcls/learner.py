@@ -55,6 +55,26 @@ class ClsLearner(Learner):
         self.opt._keep_on_clear = [*self.opt._keep_on_clear, 'lr_mult']  # `freeze`/`unfreeze` clear the rest of the state
 
 # %% ../nbs/30_learner.ipynb #70316b1a
+def _data_size(dls):
+    "(H, W) of the images `dls` gives"
+    return tuple(dls.one_batch()[0].shape[-2:])
+
+def _fit_input_size(model, dls, arch, model_kwargs, build):
+    "`model` (rebuilt by timm with `img_size`, if it can be) for the data's image size when it was built for another one"
+    need = getattr(model[0], 'fixed_size', None)
+    if need is None: return model, model_kwargs
+    size = _data_size(dls)
+    if size == tuple(need): return model, model_kwargs
+    name = arch if isinstance(arch, str) else type(model[0].model).__name__
+    fix = f"resize the data to {need[0]}x{need[1]} (e.g. `item_tfms=Resize({need[0]})`)"
+    if 'img_size' in (model_kwargs or {}):
+        raise ValueError(f"{name!r} was built for {need[0]}x{need[1]} images (model_kwargs img_size) but the data is {size[0]}x{size[1]}: {fix} or pass img_size={size}")
+    if 'img_size' not in inspect.signature(type(model[0].model).__init__).parameters:
+        raise ValueError(f"{name!r} only runs on {need[0]}x{need[1]} images and timm cannot build it for another size; the data is {size[0]}x{size[1]}: {fix}")
+    mk = {**(model_kwargs or {}), 'img_size': size}
+    try: return build(mk), mk
+    except ValueError as e: raise ValueError(f"{name!r} cannot be built for the data's {size[0]}x{size[1]} images ({e}): {fix}") from e
+
 _learner_args = set(inspect.signature(Learner.__init__).parameters) - {'self', 'dls', 'model'}
 
 @delegates(Learner.__init__)
@@ -81,7 +101,9 @@ def cls_learner(dls, # fastai `DataLoaders`
     learn_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _learner_args}
     cfg = ModelConfig(arch, n_out, attn=attn, attn_where=attn_where, pool=pool, pool_kwargs=dict(pool_kwargs or {}), head=head,
                       head_kwargs=kwargs, n_in=n_in, model_kwargs=dict(model_kwargs or {}), kind=kind)
-    model = create_cls_model(**cfg.model_args(), pretrained=pretrained)
+    build = lambda mk: create_cls_model(**{**cfg.model_args(), 'model_kwargs': dict(mk or {})}, pretrained=pretrained)
+    model,mk = _fit_input_size(build(cfg.model_kwargs), dls, arch, cfg.model_kwargs, build)
+    cfg.model_kwargs = dict(mk or {})  # with the `img_size` a fixed-size model was rebuilt for
     if normalize: _timm_norm(dls, model[0].model.pretrained_cfg, pretrained, n_in)
     if loss_func is None and 'loss_func' in heads.meta(head): loss_func = heads.meta(head)['loss_func'](model[1][-1])
     learn = ClsLearner(dls, model, loss_func=loss_func, metrics=metrics, splitter=learn_kw.pop('splitter', cls_splitter), **learn_kw)

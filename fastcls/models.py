@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_models.ipynb #868657da
 from __future__ import annotations
-import difflib
+import difflib, inspect
 import torch, timm
 from torch import nn
 from fastai.vision.learner import apply_init
@@ -20,7 +20,7 @@ from .layers.attention import add_attention, attention_params
 from .pretrained import pretrained_timm
 
 # %% auto #0
-__all__ = ['model_kinds', 'classifier_edits', 'TimmFeatures', 'create_timm_body', 'BilateralBlock', 'BBNModel',
+__all__ = ['model_kinds', 'classifier_edits', 'TimmFeatures', 'create_timm_body', 'BilateralBlock', 'BBNModel', 'TimmPool',
            'create_cls_model', 'cls_splitter', 'tau_norm_edit', 'lws_edit', 'posthoc_la_edit', 'unwrap_edit',
            'ModelConfig']
 
@@ -51,14 +51,14 @@ def _ssl_body(arch, src, n_in, **kwargs):
 def create_timm_body(arch, # a timm model name, or a callable `(pretrained, **kwargs)` returning a timm-style model
                      pretrained=True, # True, False, a checkpoint path or a weight source name (see `pretrained_timm`)
                      n_in:int=3, **kwargs) -> TimmFeatures:
-    "A `TimmFeatures` for `arch` with its classifier and pooling removed and pretrained weights loaded"
+    "A `TimmFeatures` for `arch` with its classifier removed and pretrained weights loaded"
     if _is_ssl(pretrained): return _ssl_body(arch, pretrained, n_in, **kwargs)
     if isinstance(arch, str):
         if not timm.is_model(arch): raise _unknown_arch(arch)
-        model = pretrained_timm(arch, pretrained, num_classes=0, global_pool='', in_chans=n_in, **kwargs)
+        model = pretrained_timm(arch, pretrained, num_classes=0, in_chans=n_in, **kwargs)
     elif callable(arch):
         model = arch(pretrained=pretrained, **kwargs)
-        if hasattr(model, 'reset_classifier'): model.reset_classifier(0, '')
+        if hasattr(model, 'reset_classifier'): model.reset_classifier(0)
     else: raise TypeError(f"arch must be a timm model name or a callable returning a model, got {arch!r}")
     if not hasattr(model, 'forward_features'):
         raise ValueError(f"{type(model).__name__} has no `forward_features`; fastcls needs timm-style models")
@@ -99,13 +99,48 @@ class BBNModel(nn.Sequential):
         return self[1][1:](f)
 
 # %% ../nbs/05_models.ipynb #3327ecc1
-def _feature_shape(body, n_in, size=64):
+class TimmPool(nn.Module):
+    "timm's own pooling of `body`'s features: `forward_head(x, pre_logits=True)` (class token, average, attention pool)"
+    def __init__(self, body:TimmFeatures):
+        super().__init__()
+        self._src = [body.model]  # not a submodule: the parameters it uses (fc_norm, attn_pool) stay in the body's group
+    def forward(self, x): return self._src[0].forward_head(x, pre_logits=True)
+
+def _run_body(body, n_in, size):
     was = body.training
     body.eval()
     try:
-        with torch.no_grad(): f = body(torch.zeros(1, n_in, size, size))
+        with torch.no_grad(): return body(torch.zeros(1, n_in, *size))
     finally: body.train(was)
-    return f.shape
+
+def _input_size(model, model_kwargs=None):
+    "(H, W) `model` is built for: `img_size` from `model_kwargs` if given, else its `pretrained_cfg['input_size']`"
+    s = (model_kwargs or {}).get('img_size') or (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))[-2:]
+    return tuple(s) if isinstance(s, (tuple, list)) else (s, s)
+
+def _feature_shape(body, n_in, model_kwargs=None):
+    "Features of `body` on a 64 px image, else at the model's own input size (then kept in `body.fixed_size`)"
+    body.fixed_size = None
+    if not (model_kwargs or {}).get('img_size'):
+        try: return _run_body(body, n_in, (64, 64))
+        except Exception: pass
+    body.fixed_size = _input_size(body.model, model_kwargs)
+    try: return _run_body(body, n_in, body.fixed_size)
+    except Exception as e:
+        raise ValueError(f"{type(body.model).__name__} fails on a dummy image of its own input size {body.fixed_size}: {e}") from e
+
+def _is_spatial(body, f):
+    return isinstance(f, torch.Tensor) and f.ndim == 4 and getattr(body.model, 'output_fmt', 'NCHW') == 'NCHW'
+
+def _pool_layer(body, f, pool, pool_fn, pool_kwargs=None):
+    "The pooling for features `f`: fastcls's `pool_fn` on a spatial map, timm's own (`TimmPool`) on tokens for pool='avg'"
+    if _is_spatial(body, f):
+        try: return pool_fn(f.shape[1], **ifnone(pool_kwargs, {}))
+        except TypeError as e: raise ValueError(f"pool {pool!r} does not take these arguments: {e}") from e
+    if pool == 'avg' and hasattr(body.model, 'forward_head'): return TimmPool(body)
+    shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+    raise ValueError(f"{type(body.model).__name__} gives features of shape {shape}, not a spatial map (B,C,H,W), so pool={pool!r} "
+                     "cannot apply: use pool='avg' (timm's own pooling of tokens, `forward_head(x, pre_logits=True)`)")
 
 model_kinds = ('cls', 'bbn', 'wsdan')  # 'wsdan' builds as 'cls': its test-time crop is the `WSDAN` callback's
 
@@ -123,13 +158,9 @@ def create_cls_model(arch, n_out:int, attn=None, attn_where='all', pool='avg', h
     if kind == 'bbn':
         stage = _last_stage(body.model)
         stage[len(stage)-1] = BilateralBlock(stage[len(stage)-1])
-    shape = _feature_shape(body, n_in)
-    if len(shape) != 4:
-        raise ValueError(f"{arch!r} gives features of shape {tuple(shape)}, not a spatial map (B,C,H,W): "
-                         "fastcls heads need a CNN backbone")
-    try: pool_layer = pool_fn(shape[1], **ifnone(pool_kwargs, {}))
-    except TypeError as e: raise ValueError(f"pool {pool!r} does not take these arguments: {e}") from e
-    with torch.no_grad(): nf = pool_layer.eval()(torch.zeros(2, *shape[1:])).shape[-1] * (2 if kind == 'bbn' else 1)
+    f = _feature_shape(body, n_in, model_kwargs)
+    pool_layer = _pool_layer(body, f, pool, pool_fn, pool_kwargs)
+    with torch.no_grad(): nf = pool_layer.eval()(f if isinstance(pool_layer, TimmPool) else torch.zeros(2, *f.shape[1:])).shape[-1] * (2 if kind == 'bbn' else 1)
     try: clf = head_fn(nf, n_out, **head_kwargs)
     except TypeError as e: raise ValueError(f"head {head!r} does not take these arguments: {e}") from e
     if init is not None and head == 'fastai': apply_init(clf, init)

@@ -4,6 +4,13 @@ from fastcls.layers.attention import attentions, add_attention, attention_module
 from fastcls.test_utils import pretrained_like
 
 archs = ['resnet18', 'resnet50', 'convnext_atto', 'regnety_002', 'mobilenetv2_035', 'efficientnet_b0']
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "One intra-op thread: on a shared 2-core machine two make every convolution many times slower"
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 names = sorted(n for n in attentions.names if n != 'ca')  # 'ca' is an alias of 'coord'
 
 @pytest.fixture(scope='module')
@@ -66,11 +73,46 @@ def test_moved_gamma_changes_output(arch, x):
 
 @pytest.mark.parametrize('arch,attn,where,msg', [
     ('resnet18', 'senet', 'all', 'Valid choices'),
-    ('test_vit', 'se', 'all', 'Supported families'),
-    ('resnext26ts', 'cbam', 'all', 'Supported families'),
+    ('test_vit', 'se', 'all', 'transformer with token'),
+    ('test_vit', 'se', 'stages', 'Supported families'),
+    ('resnet18', 'se', 'middle', "'stages'"),
     ('resnet18', 'se', 5, 'out of range'),
-    ('resnet18', 'se', 'middle', "'all', 'last'"),
 ])
 def test_errors(arch, attn, where, msg):
     m = timm.create_model(arch, pretrained=False)
     with pytest.raises(ValueError, match=msg): add_attention(m, attn, where)
+
+new_archs = ['vgg11', 'resnest14d', 'skresnet18', 'dla46_c', 'test_byobnet', 'cspresnet50', 'ghostnet_050']
+small = dict(vgg11=dict(mlp_ratio=1/64))  # VGG's 4096-wide ConvMlp head is unused by attention: keep the test light
+
+@pytest.mark.parametrize('arch', new_archs)
+def test_new_families_block_placement(arch, x):
+    "VGG (after each conv block), ResNeSt, SK, DLA, byobnet, CSP, GhostNet: identity, then acting (the sweep covers the rest)"
+    for name in ('se', 'cbam'):
+        m = pretrained_like(timm.create_model(arch, pretrained=False, num_classes=0, **small.get(arch, {}))).eval()
+        with torch.no_grad(): before = m(x)
+        add_attention(m, name)
+        assert attention_modules(m)
+        with torch.no_grad():
+            assert (m(x) - before).abs().max() < 1e-5
+            for g in blend_params(m): g.fill_(1.)
+            assert (m(x) - before).abs().max() > 1e-4
+
+def test_vgg_after_each_conv_block_before_pooling():
+    m = timm.create_model('vgg11', pretrained=False, num_classes=0, mlp_ratio=1/64)
+    add_attention(m, 'se')
+    pools = [i for i, c in enumerate(m.features) if isinstance(c, torch.nn.MaxPool2d)]
+    assert list(attention_modules(m)) == [f'features.{i-1}.1' for i in pools]
+
+def test_stages_at_feature_info_boundaries(x):
+    m = pretrained_like(timm.create_model('inception_v3', pretrained=False, num_classes=0)).eval()  # no supported block
+    with pytest.raises(ValueError, match="attn_where='stages'"): add_attention(m, 'se')
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad(): before = m(x)
+    add_attention(m, 'cbam', 'stages')
+    assert len(attention_modules(m)) == len(m.feature_info)
+    with torch.no_grad(): assert (m(x) - before).abs().max() < 1e-5
+
+def test_stages_needs_feature_info():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    with pytest.raises(ValueError, match="needs the model's `feature_info`"): add_attention(m, 'se', 'stages')

@@ -68,8 +68,18 @@ def test_export_round_trip_in_fresh_process(dls, tmp_path, predict_in_fresh_proc
     (dict(arch='resnet18', head='mlp'), r"Unknown head 'mlp'\. Valid choices: .*fastai, linear"),
     (dict(arch='resnet_18'), 'Closest timm names: resnet18'),
     (dict(arch='test_vit', attn='se'), 'Supported families'),
-    (dict(arch='test_vit'), 'not a spatial map'),
+    (dict(arch='test_vit', pool='gem'), 'not a spatial map'),
     (dict(arch='resnet18', n_out=0), 'positive number'),
 ])
 def test_bad_input(dls, kwargs, msg):
     with pytest.raises(ValueError, match=msg): cls_learner(dls, pretrained=False, **kwargs)
+
+def test_vit_trains_with_timm_pooling(dls):
+    "A ViT in cls_learner: timm's own pooling under the fastai head, rebuilt by timm for the data's size"
+    learn = cls_learner(dls, 'test_vit3', pretrained=False)  # built for 160 px
+    assert type(learn.model[1][0]).__name__ == 'TimmPool' and learn.model_kwargs['img_size'] == tuple(dls.one_batch()[0].shape[-2:])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert learn.recorder.values[-1][0] == learn.recorder.values[-1][0]
+
+def test_fixed_size_model_names_the_size_it_needs(dls):
+    with pytest.raises(ValueError, match='resize the data to 224x224'): cls_learner(dls, 'efficientformer_l1', pretrained=False)

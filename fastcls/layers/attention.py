@@ -5,6 +5,7 @@
 # %% ../../nbs/01_layers.attention.ipynb #7698d3fc
 from __future__ import annotations
 from functools import partial
+import importlib
 import torch
 from torch import nn
 from fastcore.basics import listify
@@ -15,10 +16,6 @@ from timm.layers.gather_excite import GatherExcite
 from timm.layers.global_context import GlobalContext
 from timm.layers.coord_attn import CoordAttn
 from timm.layers.non_local_attn import NonLocalAttn
-from timm.models.resnet import BasicBlock, Bottleneck
-from timm.models.regnet import Bottleneck as RegNetBottleneck
-from timm.models.convnext import ConvNeXtBlock
-from timm.models._efficientnet_blocks import InvertedResidual, DepthwiseSeparableConv, EdgeResidual
 from ..core import Registry
 
 # %% auto #0
@@ -85,46 +82,79 @@ def blend_params(model:nn.Module):
     return [m.gamma for m in model.modules() if isinstance(m, (AttnBlend, GateBlend)) and m.gamma is not None]
 
 # %% ../../nbs/01_layers.attention.ipynb #bb1215a4
-def _out(m): return getattr(m, 'out_features', None) or m.out_channels
+def _classes(spec):
+    "The timm block classes named in `spec` ('module:Class ...'); names missing from this timm version are skipped"
+    res = []
+    for s in spec.split():
+        mod,cls = s.split(':')
+        try: res.append(getattr(importlib.import_module(f'timm.models.{mod}'), cls))
+        except (ImportError, AttributeError): pass
+    return res
 
-_sites = {  # block type: (attribute, 'after' the module there or 'before' it, channels there, block output channels)
-    BasicBlock:             ('se',        'after',  lambda b: b.bn2.num_features,        lambda b: b.bn2.num_features),
-    Bottleneck:             ('se',        'after',  lambda b: b.bn3.num_features,        lambda b: b.bn3.num_features),
-    RegNetBottleneck:       ('drop_path', 'before', lambda b: _out(b.conv3.conv),        lambda b: _out(b.conv3.conv)),
-    ConvNeXtBlock:          ('drop_path', 'before', lambda b: _out(b.mlp.fc2),           lambda b: _out(b.mlp.fc2)),
-    InvertedResidual:       ('se',        'after',  lambda b: b.conv_pwl.in_channels,    lambda b: _out(b.conv_pwl)),
-    DepthwiseSeparableConv: ('se',        'after',  lambda b: b.conv_pw.in_channels,     lambda b: _out(b.conv_pw)),
-    EdgeResidual:           ('se',        'after',  lambda b: b.conv_pwl.in_channels,    lambda b: _out(b.conv_pwl)),
+_site_spec = {  # (attribute, 'after' the module there or 'before' it): block classes
+    ('se', 'after'): 'resnet:BasicBlock resnet:Bottleneck sknet:SelectiveKernelBasic sknet:SelectiveKernelBottleneck '
+                     'res2net:Bottle2neck tresnet:BasicBlock tresnet:Bottleneck _efficientnet_blocks:InvertedResidual '
+                     '_efficientnet_blocks:DepthwiseSeparableConv _efficientnet_blocks:EdgeResidual '
+                     'ghostnet:GhostBottleneck ghostnet:GhostBottleneckV3 rexnet:LinearBottleneck repvit:RepViTBlock',
+    ('drop_path', 'before'): 'regnet:Bottleneck convnext:ConvNeXtBlock',
+    ('bn3', 'after'): 'resnest:ResNestBottleneck dla:DlaBottleneck dla:DlaBottle2neck',
+    ('bn2', 'after'): 'dla:DlaBasic',
+    ('attn_last', 'after'): 'byobnet:BasicBlock byobnet:BottleneckBlock byobnet:DarkBlock byobnet:EdgeBlock nfnet:NormFreeBlock',
+    ('attn', 'after'): 'byobnet:RepVggBlock byobnet:MobileOneBlock cspnet:DarkBlock cspnet:EdgeBlock vovnet:OsaBlock',
+    ('attn3', 'after'): 'cspnet:BottleneckBlock',
+    ('rep', 'after'): 'xception:Block',
+    ('stack', 'after'): 'xception_aligned:XceptionModule xception_aligned:PreXceptionModule',
+    ('conv2', 'after'): 'densenet:DenseLayer',
 }
-supported_families = 'ResNet/ResNeXt/ResNet-D/SE-ResNet (timm resnet.py), RegNet, ConvNeXt, MobileNet/EfficientNet/MixNet (timm efficientnet.py)'
+_sites = {c: site for site,spec in _site_spec.items() for c in _classes(spec)}
+supported_families = ('ResNet/ResNeXt/ResNet-D/SE-ResNet, HRNet, SK-ResNet, Res2Net, ResNeSt, TResNet, DLA, RegNet, ConvNeXt, '
+                      'MobileNet/EfficientNet/MixNet, GhostNet, RexNet, RepViT, byobnet (RepVGG, MobileOne, GERNet, ResNet-ts, MobileViT conv blocks), '
+                      'CSPNet, VoVNet, NF-Net, Xception, DenseNet, VGG (after each conv block); '
+                      "any CNN with `feature_info` at its stage boundaries (attn_where='stages')")
 
 # %% ../../nbs/01_layers.attention.ipynb #10e5c19e
+def _stage_of(model, fi):
+    "A function giving the `feature_info` stage (index, reduction) a module name belongs to"
+    pos = {n:i for i,(n,_) in enumerate(model.named_modules())}
+    def _f(n):
+        st = next((i for i,f in enumerate(fi) if n == f['module'] or n.startswith(f['module']+'.')
+                   or pos.get(f['module'], -1) > pos[n]), None)
+        return st, (fi[st]['reduction'] if st is not None else None)
+    return _f
+
+def _plain_sites(model):
+    "(name, parent, attribute, mode) after each conv block of plain conv nets (VGG): the module before every max-pool"
+    return [(f'{n}.{i-1}' if n else str(i-1), s, str(i-1), 'after') for n,s in model.named_modules() if isinstance(s, nn.Sequential)
+            and any(isinstance(c, nn.Conv2d) for c in s) for i,c in enumerate(s) if i and isinstance(c, nn.MaxPool2d)]
+
 def _blocks(model):
-    "Supported residual blocks of `model` as (name, block, stage index, stage reduction)"
-    names = [n for n,_ in model.named_modules()]
-    pos = {n:i for i,n in enumerate(names)}
-    fi = [(f['module'], f['reduction']) for f in getattr(model, 'feature_info', [])]
+    "Places for attention in `model`'s supported blocks as (name, block, attribute, mode, stage index, stage reduction)"
+    stage = _stage_of(model, getattr(model, 'feature_info', []))
+    res = [(n, m, *_sites[type(m)], *stage(n)) for n,m in model.named_modules() if type(m) in _sites]
+    return res or [(n, p, a, md, *stage(n)) for n,p,a,md in _plain_sites(model)]
+
+def _stages(model):
+    "Places at every stage boundary of `model.feature_info` (BAM's placement), in the same format as `_blocks`"
     res = []
-    for n,m in model.named_modules():
-        if type(m) not in _sites: continue
-        st = next((i for i,(fn,_) in enumerate(fi) if n.startswith(fn+'.') or pos.get(fn, -1) > pos[n]), None)
-        res.append((n, m, st, fi[st][1] if st is not None else None))
+    for i,f in enumerate(model.feature_info):
+        p,a = _get_parent(model, f['module'])
+        res.append((f['module'], p, a, 'after', i, f['reduction']))
     return res
 
 # %% ../../nbs/01_layers.attention.ipynb #cf9dc102
 def _pick(blocks, where, between, n_stages):
-    "Blocks selected by `where`: 'all', 'last', or stage indices into the model's `feature_info`"
-    if where == 'all':
+    "Places selected by `where`: 'all', 'stages', 'last', or stage indices into the model's `feature_info`"
+    if where in ('all', 'stages'):
         # non-local goes in the paper's res3 and res4 (stride 8 and 16); everything else in every block
-        return [b for b in blocks if b[3] in (8, 16)] if between else blocks
-    if where == 'last': stages = {max(b[2] for b in blocks)}
+        return [b for b in blocks if b[5] in (8, 16)] if between else blocks
+    if where == 'last': stages = {max(b[4] for b in blocks if b[4] is not None)}
     else:
-        if isinstance(where, str): raise ValueError(f"attn_where must be 'all', 'last' or stage indices, got {where!r}")
+        if isinstance(where, str): raise ValueError(f"attn_where must be 'all', 'stages', 'last' or stage indices, got {where!r}")
         bad = [i for i in listify(where) if not -n_stages <= i < n_stages]
         if bad: raise ValueError(f"attn_where stage {bad} out of range: this model has feature stages 0..{n_stages-1}")
         stages = {i % n_stages for i in listify(where)}
-    sel = [b for b in blocks if b[2] in stages]
-    if not sel: raise ValueError(f"attn_where={where!r} selects no residual block (stages with blocks: {sorted({b[2] for b in blocks})})")
+    sel = [b for b in blocks if b[4] in stages]
+    if not sel: raise ValueError(f"attn_where={where!r} selects no block (stages with blocks: {sorted({b[4] for b in blocks if b[4] is not None})})")
     return sel
 
 # %% ../../nbs/01_layers.attention.ipynb #d5621b14
@@ -142,32 +172,89 @@ def _make(factory, c, attn):
     try: return factory(c)
     except Exception as e: raise ValueError(f"attention {attn!r} cannot be built for {c} channels: {e}") from e
 
+def _is_token_model(model):
+    "A ViT-style model: patch embedding and transformer blocks, features as tokens or NHWC"
+    return getattr(model, 'num_prefix_tokens', None) is not None or getattr(model, 'output_fmt', 'NCHW') == 'NHWC'
+
+# %% ../../nbs/01_layers.attention.ipynb #4485cb24
+class _Probe(nn.Module):
+    "Stand-in for the module at an attention place: runs it and records the channels attention would see"
+    def __init__(self, old, mode): super().__init__(); self.old,self.mode,self.c = old,mode,None
+    def forward(self, x, *args, **kwargs):
+        y = x if self.old is None else self.old(x, *args, **kwargs)
+        t = x if self.mode == 'before' else y
+        if isinstance(t, torch.Tensor) and t.ndim == 4: self.c = t.shape[1]
+        return y
+
+def _n_in(model): return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+
+def _run(model, size):
+    x = torch.randn(1, _n_in(model), size, size)
+    with torch.no_grad(): (model.forward_features if hasattr(model, 'forward_features') else model)(x)
+
+def _probe(model, places, whole=False):
+    "Channels seen at each place (None where not reached); `whole`: the output channels of the block at the place's name"
+    modes = [(m, m.training) for m in model.modules()]
+    old = [getattr(p, a) for _,p,a,*_ in places]
+    probes = [_Probe(o, md) for o,(_,p,a,md,*_) in zip(old, places)]
+    hooks, outs = [], {}
+    if whole:
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m,i,o,n=n: outs.__setitem__(n, o.shape[1] if isinstance(o, torch.Tensor) and o.ndim == 4 else None))
+                 for n,*_ in places]
+    else:
+        for pr,(_,p,a,*_) in zip(probes, places): setattr(p, a, pr)
+    model.eval()
+    try:
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        for s in dict.fromkeys((64, cfg.get('input_size', (3, 224, 224))[-1])):
+            try: _run(model, s); break
+            except Exception: pass
+    finally:
+        for h in hooks: h.remove()
+        if not whole:
+            for o,(_,p,a,*_) in zip(old, places): setattr(p, a, o)
+        for m,t in modes: m.training = t
+    return [outs.get(n) for n,*_ in places] if whole else [pr.c for pr in probes]
+
+# %% ../../nbs/01_layers.attention.ipynb #edaa95a7
 def add_attention(model:nn.Module, # a timm CNN, pretrained weights already loaded
                   attn, # a name in `attentions` or a module class taking the channel count
-                  where='all', # 'all' blocks, the 'last' stage, or stage indices into `model.feature_info`
+                  where='all', # 'all' blocks, 'stages' (every `feature_info` stage boundary), the 'last' stage, or stage indices
                  ) -> nn.Module:
-    "Insert `attn` into the residual blocks of `model` so its output is unchanged right after insertion"
+    "Insert `attn` into the blocks of `model` (or at its stage boundaries) so its output is unchanged right after insertion"
     between = isinstance(attn, str) and attentions.meta(attn).get('between', False)
     factory = attentions[attn] if isinstance(attn, str) else attn
     if not callable(factory): raise TypeError(f"attn must be a name in {attentions.names} or a module class, got {attn!r}")
-    blocks = _blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no residual block fastcls can add attention to. "
-                         f"Supported families: {supported_families}")
-    sel = _pick(blocks, where, between, len(model.feature_info))
-    if between: sel = _every_other(sel)
-    for name,blk,st,_ in sel:
-        if between:
-            parent,last = _get_parent(model, name)
-            setattr(parent, last, nn.Sequential(blk, AttnBlend(_make(factory, _sites[type(blk)][3](blk), attn), blend=False)))
-        else:
-            attr,mode,chans,_ = _sites[type(blk)]
-            c = chans(blk)
-            new = AttnBlend(_make(factory, c, attn), channels=c)
-            old = getattr(blk, attr)
-            if mode == 'before': new = nn.Sequential(new, old)
-            elif old is not None and not isinstance(old, nn.Identity): new = nn.Sequential(old, new)
-            setattr(blk, attr, new)
+    name = type(model).__name__
+    if _is_token_model(model) and not any(type(m) in _sites for m in model.modules()):
+        raise ValueError(f"{name} is a transformer with token (or NHWC) features: fastcls attention modules act on CNN feature maps "
+                         f"(B,C,H,W). Supported families: {supported_families}")
+    if where == 'stages':
+        if not getattr(model, 'feature_info', None):
+            raise ValueError(f"attn_where='stages' needs the model's `feature_info`, which {name} does not have. "
+                             f"Use attn_where='all' (block placement) on the supported families: {supported_families}")
+        places = _stages(model)
+    else:
+        places = _blocks(model)
+        if not places:
+            hint = " or attn_where='stages' (this model has `feature_info`)" if getattr(model, 'feature_info', None) else ''
+            raise ValueError(f"{name} has no block fastcls can add attention to{hint}. Supported families: {supported_families}")
+    sel = _pick(places, where, between, len(getattr(model, 'feature_info', [])))
+    if between and where != 'stages': sel = _every_other(sel)
+    whole = between and where != 'stages'
+    chans = _probe(model, sel, whole=whole)
+    todo = [(s, c) for s,c in zip(sel, chans) if c is not None and (where != 'stages' or c == model.feature_info[s[4]]['num_chs'])]
+    if not todo: raise ValueError(f"no place selected by attn_where={where!r} in {name} sees a (B,C,H,W) feature map. Supported families: {supported_families}")
+    for (n,p,a,mode,*_),c in todo:
+        if whole:
+            parent,last = _get_parent(model, n)
+            setattr(parent, last, nn.Sequential(getattr(parent, last), AttnBlend(_make(factory, c, attn), blend=False)))
+            continue
+        new = AttnBlend(_make(factory, c, attn), channels=c, blend=not between)
+        old = getattr(p, a)
+        if mode == 'before': new = nn.Sequential(new, old)
+        elif old is not None and not isinstance(old, nn.Identity): new = nn.Sequential(old, new)
+        setattr(p, a, new)
     return model
 
 # %% ../../nbs/01_layers.attention.ipynb #31788bb5
