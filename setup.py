@@ -15,7 +15,7 @@ py_versions = [v for v in '3.10 3.11 3.12 3.13'.split() if Version(v) >= Version
 
 requirements = cfg.get('requirements', '').split()
 extras = {'dev': cfg.get('dev_requirements', '').split(), 'elpv': cfg.get('elpv_requirements', '').split(),
-          'weights': cfg.get('weights_requirements', '').split()}
+          'weights': cfg.get('weights_requirements', '').split(), 'onnx': cfg.get('onnx_requirements', '').split()}
 
 setuptools.setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],

@@ -99,7 +99,7 @@ def check_family(fam, arch, attns, tmp):
     except Exception as e:
         for k in ('build', 'train', 'export', 'cam'):
             if not row[k]: row[k] = _err(e); break
-    mk = dict(learn.model_kwargs or {}) if row['build'] == 'ok' else {}
+    mk = dict(learn.model_config.model_kwargs or {}) if row['build'] == 'ok' else {}
     for a in attns:
         try: row['attn'][a] = attention_check(arch, a, row['size'], mk)
         except Exception as e: row['attn'][a] = 'FAIL ' + _err(e)

@@ -66,7 +66,7 @@ def test_experiments_grid(folder, tmp_path):
     assert df.Attn.tolist() == ['none', 'se'] and df['Top-1'].between(0, 100).all()
     md = (tmp_path/'results.md').read_text()
     assert '| Backbone | Attn | Loss | Aug | Top-1 | Balanced acc |' in md and md.count('| resnet18 |') == 2
-    assert (tmp_path/'comparison.html').is_file() and (tmp_path/'attn-se'/'report.html').is_file()
+    assert (tmp_path/'comparison.html').is_file() and (tmp_path/'attn-se_pretrained-False'/'report.html').is_file()
     assert not list(tmp_path.glob('*/checkpoints'))  # a grid is not resumable: no checkpoint (3x the model) per run
 
 def test_csv_data(folder, tmp_path):

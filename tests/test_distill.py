@@ -119,7 +119,7 @@ def test_cli_teacher_kd_ema(tmp_path, capsys):
     root = tmp_path/'imgs'
     src = synth_df(n=24, size=32, n_classes=3)
     for f, l in zip(src.fname, src.label): (root/l).mkdir(parents=True, exist_ok=True); shutil.copy(f, root/l)
-    tiny = ['--arch', 'test_resnet', '--epochs', '1', '--size', '32', '--bs', '8', '--quiet']
+    tiny = ['--arch', 'test_resnet', '--pretrained', 'none', '--epochs', '1', '--size', '32', '--bs', '8', '--quiet']
     assert main(['train', '--data', str(root), '--out', str(tmp_path/'big'), *tiny]) == 0
     assert main(['train', '--data', str(root), '--out', str(tmp_path/'small'), '--teacher', str(tmp_path/'big'), '--kd', '0.8', '--ema', *tiny]) == 0
     m = json.loads((tmp_path/'small'/'metrics.json').read_text())

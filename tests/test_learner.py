@@ -77,7 +77,7 @@ def test_bad_input(dls, kwargs, msg):
 def test_vit_trains_with_timm_pooling(dls):
     "A ViT in cls_learner: timm's own pooling under the fastai head, rebuilt by timm for the data's size"
     learn = cls_learner(dls, 'test_vit3', pretrained=False)  # built for 160 px
-    assert type(learn.model[1][0]).__name__ == 'TimmPool' and learn.model_kwargs['img_size'] == tuple(dls.one_batch()[0].shape[-2:])
+    assert type(learn.model[1][0]).__name__ == 'TimmPool' and tuple(learn.model_config.model_kwargs['img_size']) == tuple(dls.one_batch()[0].shape[-2:])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert learn.recorder.values[-1][0] == learn.recorder.values[-1][0]
 

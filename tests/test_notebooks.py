@@ -29,3 +29,11 @@ def test_modules_carry_the_notebook_summary():
         src = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code')
         m = re.search(r'#\| default_exp (\S+)', src)
         if m: assert importlib.import_module(f'fastcls.{m.group(1)}').__doc__, nb.name
+
+def test_index_matches_readme():
+    "nbs/index.ipynb (the docs home) says what README.md says"
+    root = Path(__file__).parents[1]
+    cells = json.loads((root/'nbs'/'index.ipynb').read_text())['cells']
+    assert all(c['cell_type'] == 'markdown' for c in cells)
+    norm = lambda s: re.sub(r'\s+', ' ', s).strip()
+    assert norm('\n'.join(''.join(c['source']) for c in cells)) == norm((root/'README.md').read_text())

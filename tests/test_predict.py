@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
     src = synth_df(n=24, size=32, n_classes=3)
     for f,l in zip(src.fname, src.label): (root/l).mkdir(exist_ok=True); shutil.copy(f, root/l)
     out = tmp_path_factory.mktemp('run')/'out'
-    r = run('train', '--data', root, '--out', out, '--arch', 'resnet18', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet')
+    r = run('train', '--data', root, '--out', out, '--arch', 'resnet18', '--pretrained', 'none', '--size', '32', '--bs', '8', '--epochs', '1', '--quiet')
     assert r.returncode == 0, r.stderr
     return out, root
 
@@ -107,6 +107,6 @@ def test_cli_predict_bad_input(trained, tmp_path, capsys):
     # a folder from another fastcls version whose export no longer loads: the error says which versions differ
     old = tmp_path/'old'; shutil.copytree(out, old)
     m = json.loads((old/'metrics.json').read_text()); m['versions']['fastcls'] = '0.0.1'
-    (old/'metrics.json').write_text(json.dumps(m)); (old/'export.pkl').write_bytes(b'not a pickle')
+    (old/'metrics.json').write_text(json.dumps(m)); (old/'export.pkl').write_bytes(b'not a pickle'); (old/'model.safetensors').write_bytes(b'not safetensors')
     r = run('predict', '--model', old, next(root.glob('c0/*.png')))
     assert r.returncode == 2 and 'Traceback' not in r.stderr and 'fastcls 0.0.1 (installed:' in r.stderr

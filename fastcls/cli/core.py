@@ -5,11 +5,9 @@
 # %% ../../nbs/60_cli.core.ipynb #a1089b82
 from __future__ import annotations
 import sys, os, time, inspect, warnings, importlib, contextlib
-import torch
 from pathlib import Path
 from typing import Annotated
 import numpy as np, pandas as pd
-from typing import Annotated
 from fastcore.script import anno_parser
 from ..core import Registry
 from .report import write_report, classification_report
@@ -445,15 +443,15 @@ def main(argv=None):
     if not argv or argv[0] not in commands:
         print(f"usage: fastcls {{{','.join(commands)}}} [options]   (fastcls COMMAND -h for help)", file=sys.stderr)
         return 2
-    cmd = commands[argv[0]]
-    if isinstance(cmd, str): cmd = getattr(importlib.import_module(cmd), argv[0])
-    args = anno_parser(cmd, prog=f'fastcls {argv[0]}').parse_args(argv[1:])
-    kw = {k:v for k,v in vars(args).items() if k not in ('pdb', 'xtra')}
-    ps = inspect.signature(cmd).parameters.values()
-    pos = [kw.pop(p.name) for p in ps if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
-    pos += [a for p in ps if p.kind is p.VAR_POSITIONAL for a in kw.pop(p.name)]
     debug = bool(os.environ.get('FASTCLS_DEBUG'))
-    with contextlib.nullcontext() if debug else _quiet_libraries():
+    with contextlib.nullcontext() if debug else _quiet_libraries():  # also around the imports: fastai's warns on import
+        cmd = commands[argv[0]]
+        if isinstance(cmd, str): cmd = getattr(importlib.import_module(cmd), argv[0])
+        args = anno_parser(cmd, prog=f'fastcls {argv[0]}').parse_args(argv[1:])
+        kw = {k:v for k,v in vars(args).items() if k not in ('pdb', 'xtra')}
+        ps = inspect.signature(cmd).parameters.values()
+        pos = [kw.pop(p.name) for p in ps if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
+        pos += [a for p in ps if p.kind is p.VAR_POSITIONAL for a in kw.pop(p.name)]
         try: cmd(*pos, **kw)
         except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
             if debug: raise

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json, platform
 from pathlib import Path
 import numpy as np
-import fastcls.weights  # noqa: F401  (`ClsLearner.save_weights`)
 
 # %% auto #0
 __all__ = ['report_figures', 'metrics_from_preds', 'classification_report', 'plot_confusion', 'plot_recall', 'history',
@@ -104,6 +103,7 @@ def _gradcam(learn, fname, n:int=9):
 
 def write_report(learn, out, config:dict|None=None, wall_seconds:float|None=None, export:bool=True, tta:bool=True) -> dict:
     "Evaluate `learn` on its validation set and write metrics.json, plots, report.html, exported learner and weights to `out`"
+    import fastcls.weights  # noqa: F401  (`ClsLearner.save_weights`; imported here: `fastcls predict model.onnx` needs no torch)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     hist = history(learn.recorder)
     probs,targs = learn.get_preds()
@@ -149,8 +149,8 @@ def _top_losses(learn, fname, k:int=9):
     "fastai's top-losses grid of the validation set"
     import fastcls.interpret  # noqa: F401
     import matplotlib.pyplot as plt
-    from fastai.interpret import ClassificationInterpretation
-    interp = ClassificationInterpretation.from_learner(learn)
+    from fastcls.interpret import ClsInterpretation  # fastai's own plot_top_losses takes no fname
+    interp = ClsInterpretation.from_learner(learn)
     interp.plot_top_losses(min(k, len(learn.dls.valid_ds)), fname=fname)
     plt.close('all')
 
