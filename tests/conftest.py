@@ -17,3 +17,32 @@ def predict_in_fresh_process():
         out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
     return _f
+
+import os, signal
+from pathlib import Path
+
+def run_training_script(script, *args, kill_on=None):
+    "Run `script` (a training script in tests/) to the end, or SIGKILL it when it prints the line `kill_on`"
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])}
+    cmd = [sys.executable, str(script), *map(str, args)]
+    if kill_on is None:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in p.stdout:
+            if line.strip() == kill_on: break
+        else: pytest.fail(f'training ended without printing {kill_on}')
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None: p.kill()
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "One intra-op thread: on a shared 2-core machine two make every convolution many times slower"
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

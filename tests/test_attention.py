@@ -4,12 +4,7 @@ from fastcls.layers.attention import attentions, add_attention, attention_module
 from fastcls.test_utils import pretrained_like
 
 archs = ['resnet18', 'resnet50', 'convnext_atto', 'regnety_002', 'mobilenetv2_035', 'efficientnet_b0']
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "One intra-op thread: on a shared 2-core machine two make every convolution many times slower"
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: one intra-op thread
 
 names = sorted(n for n in attentions.names if n != 'ca')  # 'ca' is an alias of 'coord'
 

@@ -2,30 +2,17 @@
 import json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest, torch
+from conftest import run_training_script
 from fastai.vision.all import Callback, set_seed
 from fastcls.learner import cls_learner
 from fastcls.callback.checkpoint import CheckpointCallback, NonFiniteLossError, write_atomic
 from fastcls.test_utils import synth_dls
 
 SCRIPT = Path(__file__).parent/'ckpt_train.py'
-ENV = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])}
 
 def _train(*args, kill_on=None):
     "Run the training script; with `kill_on`, SIGKILL it as soon as it prints that line"
-    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
-    if kill_on is None:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-    try:
-        for line in p.stdout:
-            if line.strip() == kill_on: break
-        else: pytest.fail(f'training ended without printing {kill_on}')
-        os.kill(p.pid, signal.SIGKILL)
-        assert p.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if p.poll() is None: p.kill()
+    run_training_script(SCRIPT, *args, kill_on=kill_on)
 
 def _load(fn): return torch.load(fn, weights_only=True)
 

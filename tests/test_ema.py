@@ -2,6 +2,7 @@
 import os, signal, subprocess, sys
 from pathlib import Path
 import pytest, torch
+from conftest import run_training_script
 from timm.utils.model_ema import ModelEmaV3
 from fastai.vision.all import Callback, set_seed, load_learner
 from fastcls.learner import cls_learner
@@ -10,7 +11,6 @@ from fastcls.test_utils import synth_dls
 from fastcls.weights import load_cls_learner
 
 SCRIPT = Path(__file__).parent/'ema_train.py'
-ENV = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])}
 
 def _learn():
     set_seed(0)
@@ -36,20 +36,7 @@ def test_equals_timm_model_ema_v3(buffers, warmup, every):
     assert same == (buffers == 'copy')  # copied buffers equal the model's; averaged ones lag behind
 
 def _run(*args, kill_on=None):
-    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
-    if kill_on is None:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-    try:
-        for line in p.stdout:
-            if line.strip() == kill_on: break
-        else: pytest.fail(f'training ended without printing {kill_on}')
-        os.kill(p.pid, signal.SIGKILL)
-        assert p.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if p.poll() is None: p.kill()
+    run_training_script(SCRIPT, *args, kill_on=kill_on)
 
 def test_sigkill_then_resume_restores_ema(tmp_path):
     _run('--dir', tmp_path/'ref_ck', '--out', tmp_path/'ref.pth')

@@ -6,12 +6,7 @@ sweep_timm = importlib.util.module_from_spec(spec); spec.loader.exec_module(swee
 
 archs = dict(resnet='test_resnet', vision_transformer='test_vit3', convnext='test_convnext', byobnet='test_byobnet')
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "One intra-op thread: on a shared 2-core machine two make every convolution many times slower"
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest: one intra-op thread
 
 @pytest.fixture(scope='module')
 def rows(one_thread): return {r['family']: r for r in sweep_timm.sweep(list(archs), attns=('se', 'cbam'), archs=archs, verbose=False)}
