@@ -8,7 +8,7 @@ adjustment of both (tau 0.5 and 1; chosen on the reported set, so an optimistic 
 import argparse, time, json, os, warnings
 import numpy as np, torch
 from fastai.torch_core import set_seed
-from fastcls.cli.core import make_dls, loss_from_name, sampled_dls
+from fastcls.cli.core import make_dls, loss_from_name, _with_sampler
 from fastcls.data.datasets import elpv_df
 from fastcls.learner import cls_learner
 
@@ -31,7 +31,7 @@ def scores(probs, y, n):
 set_seed(a.seed, reproducible=True)
 df = elpv_df()
 dls = make_dls(df, a.size, a.bs, a.seed, aug='dihedral' if a.aug == 'dihedral' else True)
-dls = sampled_dls(a.sampler, dls, a.epochs + a.freeze_epochs, a.seed)
+dls = _with_sampler(a.sampler, dls, a.epochs + a.freeze_epochs, a.seed)
 pre = {'true': True, 'false': False}.get(a.pretrained.lower(), a.pretrained)
 learn = cls_learner(dls, a.arch, pretrained=pre, loss_func=loss_from_name(a.loss, dls))
 cpu = lambda: sum(os.times()[:4])  # user+system of this process and its reaped workers

@@ -20,7 +20,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--out', required=True); p.add_argument('--bs', type=int, default=8)
     p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('--nan-rank', type=int, default=None, help="make this rank's loss NaN at epoch 0, batch 1 (inside `learn.resumable`)")
     a = p.parse_args()
+    if a.nan_rank is not None: return nan_run(a)
     set_seed(0)
     dls = synth_dls(n=65, size=32, n_classes=2, bs=a.bs, seed=0, device='cpu')
     dls.train = dls.train.new(cls=GroupBalancedDL)
@@ -47,5 +49,25 @@ def main():
     if rank_distrib() == 0:
         torch.save(learn.model.state_dict(), os.path.join(a.out, 'model.pth'))
         torch.save(init, os.path.join(a.out, 'init.pth'))
+
+def nan_run(a):
+    "Every rank must stop with NonFiniteLossError when one rank's loss is NaN (none may wait in an all-reduce)"
+    from fastcls.callback.checkpoint import NonFiniteLossError
+    set_seed(0)
+    learn = cls_learner(synth_dls(n=64, size=32, n_classes=2, bs=a.bs, seed=0, device='cpu'), 'test_convnext', head='linear', pretrained=False)
+    class Poison(Callback):
+        order = 0
+        def after_loss(self):
+            if self.training and rank_distrib() == a.nan_rank and self.epoch == 0 and self.iter == 1: self.learn.loss = self.loss * float('nan')
+    err, batches = None, []
+    class Count(Callback):
+        def after_batch(self):
+            if self.training: batches.append(self.iter)
+    try:
+        with learn.no_bar(), learn.no_logging(), learn.distrib_ctx(), learn.resumable(os.path.join(a.out, 'ck')):
+            learn.fit(a.epochs, 1e-3, cbs=[Poison(), Count()])
+    except NonFiniteLossError as e: err = str(e)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f'rank{rank_distrib()}.json'), 'w') as f: json.dump(dict(rank=rank_distrib(), error=err, batches=batches), f)
 
 if __name__ == '__main__': main()

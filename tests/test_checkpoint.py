@@ -7,6 +7,7 @@ from fastai.vision.all import Callback, set_seed
 from fastcls.learner import cls_learner
 from fastcls.callback.checkpoint import CheckpointCallback, NonFiniteLossError, write_atomic
 from fastcls.test_utils import synth_dls
+from fastcls.data.samplers import samplers
 
 SCRIPT = Path(__file__).parent/'ckpt_train.py'
 
@@ -58,9 +59,11 @@ def test_failed_write_leaves_old_file(tmp_path):
     with pytest.raises(RuntimeError, match='boom'): write_atomic(fn, lambda t: torch.save({'a': torch.zeros(2), 'b': Boom()}, t))
     assert torch.equal(_load(fn)['a'], torch.ones(2)) and [p.name for p in tmp_path.iterdir()] == ['x.pth']
 
-def _learn():
+def _learn(sampler=False):
     set_seed(0)
-    return cls_learner(synth_dls(n=48, size=32, bs=8), 'test_convnext', head='linear', pretrained=False)
+    dls = synth_dls(n=48, size=32, bs=8)
+    if sampler: dls = samplers['progressive'](dls, n_epoch=2, seed=None)  # seed drawn at random: the checkpoint must keep it
+    return cls_learner(dls, 'test_convnext', head='linear', pretrained=False)
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
     class Poison(Callback):
@@ -81,10 +84,15 @@ def test_resume_with_other_epochs_fails(tmp_path):
     with learn.no_bar(), learn.no_logging(), pytest.raises(ValueError, match='fit of 1 epochs'):
         learn.fit(2, 1e-3, cbs=CheckpointCallback(tmp_path, resume=True))
 
-def _fine_tune(path, crash_at=None):
+def _fine_tune(path, crash_at=None, sampler=False, reseed=0):
     "`fine_tune(1, freeze_epochs=1)` inside `learn.resumable(path)`; with `crash_at`, interrupted at that training batch (counted over both fits)"
-    learn, n = _learn(), [0]
+    learn, n = _learn(sampler), [0]
+    if sampler: learn.dls.train.seed += reseed  # another process draws another seed
+    learn.drawn = []
     class Crash(Callback):
+        order = 100
+        def before_train(self):
+            if sampler: learn.drawn.append((self.dl.sampler_state(), type(self.dl).get_idxs(self.dl)))  # not the patched resume draw
         def after_batch(self):
             if self.training: n[0] += 1
             if n[0] == crash_at: raise KeyboardInterrupt
@@ -113,3 +121,17 @@ def test_get_preds_is_not_a_fit(tmp_path):
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3); learn.get_preds(); learn.fit(1, 1e-3)
     assert cb.fit_no == 1
+
+@pytest.fixture(scope='module')
+def straight_sampled(tmp_path_factory): return _fine_tune(tmp_path_factory.mktemp('fts'), sampler=True)
+
+@pytest.mark.parametrize('crash_at', [3, 7])
+def test_resume_keeps_the_sampler_schedule(straight_sampled, tmp_path, crash_at):
+    "A progressively-balanced sampler resumes at the epoch and seed it had (fine_tune's second fit is its epoch 1)"
+    with pytest.raises(KeyboardInterrupt): _fine_tune(tmp_path/'b', crash_at, sampler=True)
+    resumed = _fine_tune(tmp_path/'b', sampler=True, reseed=1)
+    want = straight_sampled.drawn[-1]
+    assert want[0]['epoch'] == 1 and resumed.drawn[-1][0] == want[0] and resumed.drawn[-1][1] == want[1]
+    assert resumed.dls.train.epoch == straight_sampled.dls.train.epoch == 2
+    for (k,a),b in zip(straight_sampled.model.state_dict().items(), resumed.model.state_dict().values()):
+        if a.is_floating_point(): torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=k)

@@ -8,12 +8,13 @@ SCRIPT = Path(__file__).parent/'ddp_train.py'
 def _free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def _run(out, nproc, bs):
+def _run(out, nproc, bs, *args):
     env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), 'OMP_NUM_THREADS': '1'}
     pre = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(_free_port())] if nproc > 1 else [sys.executable]
-    r = subprocess.run(pre + [str(SCRIPT), '--out', str(out), '--bs', str(bs)], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(pre + [str(SCRIPT), '--out', str(out), '--bs', str(bs), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return [json.load(open(out/f'rank{i}.json')) for i in range(nproc)], torch.load(out/'model.pth'), torch.load(out/'init.pth')
+    ranks = [json.load(open(out/f'rank{i}.json')) for i in range(nproc)]
+    return (ranks, torch.load(out/'model.pth'), torch.load(out/'init.pth')) if not args else ranks
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
@@ -54,3 +55,11 @@ def test_gathered_predictions_and_metrics(runs):
     v1,v2 = torch.tensor(single[0]['values']), torch.tensor(ddp[0]['values'])
     assert v1.shape == v2.shape == (2, 3)  # train loss, valid loss, accuracy per epoch, on rank 0 from all ranks
     torch.testing.assert_close(v2[:, 1:], v1[:, 1:], atol=0.02, rtol=0)  # scalar averages include 1 padded item of 17
+
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    "Rank 1's loss is NaN: both ranks raise NonFiniteLossError at the same batch (rank 0 does not wait in an all-reduce)"
+    ranks = _run(tmp_path, 2, 8, '--nan-rank', 1)
+    assert [r['rank'] for r in ranks] == [0, 1]
+    assert all(r['error'] and 'at epoch 0, batch 1' in r['error'] for r in ranks), ranks
+    assert 'not finite on rank 1' in ranks[0]['error'] and 'nan at epoch 0' in ranks[1]['error']
+    assert ranks[0]['batches'] == ranks[1]['batches'] == [0]  # neither rank stepped past the poisoned batch

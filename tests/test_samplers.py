@@ -13,7 +13,8 @@ def dls(): return digits_dls(size=8, bs=32, imbalance=10)
 
 def epoch_freqs(dl, epochs):
     "Fraction of each class over `epochs` drawn epochs"
-    c = sum(torch.bincount(dl.labels[dl.get_idxs()], minlength=len(dl.counts)) for _ in range(epochs))
+    c = 0
+    for _ in range(epochs): c = c + torch.bincount(dl.labels[dl.get_idxs()], minlength=len(dl.counts)); dl.set_epoch(dl.epoch + 1)
     return c.float() / c.sum()
 
 @pytest.mark.parametrize('name,q', [('instance', 1.), ('class_balanced', 0.), ('sqrt', .5), ('reversed', -1.)])
@@ -44,13 +45,14 @@ def test_progressive(dls):
     dl.set_epoch(9)
     got = epoch_freqs(dl, 1)  # epoch 9 of 10 is nearly balanced
     assert got.min() > 0.5 / len(n)
-    assert dl.epoch == 10  # an epoch drawn advances the counter
+    assert dl.epoch == 10
     with pytest.raises(ValueError, match="needs `n_epoch`"): samplers['pb'](dls, n_epoch=None)
 
 def test_deterministic_by_seed_and_epoch(dls):
     a,b = samplers['class_balanced'](dls, seed=7).train, samplers['class_balanced'](dls, seed=7).train
-    ea = [a.get_idxs() for _ in range(3)]
-    assert ea == [b.get_idxs() for _ in range(3)]
+    ea = [(a.set_epoch(e), a.get_idxs())[1] for e in range(3)]
+    assert ea == [(b.set_epoch(e), b.get_idxs())[1] for e in range(3)]
+    assert a.get_idxs() == ea[2]  # drawing does not advance: only a full pass does
     assert ea[0] != ea[1]
     a.set_epoch(1); assert a.get_idxs() == ea[1]
     assert samplers['class_balanced'](dls, seed=8).train.get_idxs() != ea[0]
@@ -82,7 +84,8 @@ def test_num_replicas_rank_sharding(dls, name):
     "With `num_replicas`/`rank` each rank keeps its strided share of the same (padded) epoch, as DistributedSampler"
     full = samplers[name](dls, seed=11).train
     shards = [samplers[name](dls, seed=11, num_replicas=3, rank=r).train for r in range(3)]
-    for e in range(2):  # two epochs: every rank advances its epoch counter the same way
+    for e in range(2):  # two epochs: every rank draws the same epoch
+        for d in (full, *shards): d.set_epoch(e)
         want = full.get_idxs()
         got = [s.get_idxs() for s in shards]
         pad = want + want[:(-len(want)) % 3]
@@ -102,14 +105,15 @@ def test_shards_agree_across_processes():
         from fastcls.data.datasets import digits_dls
         dls = digits_dls(size=8, bs=32, imbalance=10)
         dl = samplers['sqrt'](dls, seed=4, num_replicas=2, rank=rank).train
-        dl.set_epoch(3)
-        print(json.dumps([dl.get_idxs(), dl.get_idxs()]))
+        dl.set_epoch(3); e3 = dl.get_idxs()
+        for _ in dl: pass  # a full pass moves on to epoch 4
+        print(json.dumps([e3, dl.get_idxs()]))
     """)
     outs = [subprocess.run([sys.executable, '-c', code, str(r)], capture_output=True, text=True) for r in (0, 1)]
     assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
     res = [json.loads(o.stdout.strip().splitlines()[-1]) for o in outs]
     full = samplers['sqrt'](digits_dls(size=8, bs=32, imbalance=10), seed=4).train
-    full.set_epoch(3); want = full.get_idxs(); want4 = full.get_idxs()
+    full.set_epoch(3); want = full.get_idxs(); full.set_epoch(4); want4 = full.get_idxs()
     pad = lambda w: w + w[:len(w) % 2]
     for e, w in enumerate((want, want4)):  # epoch 3 and the next one
         assert res[0][e] == pad(w)[0::2] and res[1][e] == pad(w)[1::2]
@@ -128,3 +132,28 @@ def test_train_and_predict_with_sampler():
 def test_bad_input(dls):
     with pytest.raises(ValueError, match="Valid choices"): samplers['balanced']
     with pytest.raises(ValueError, match="labels for a dataset"): ClassSamplerDL(dls.train_ds, labels=[0, 1], bs=4)
+
+def test_epoch_advances_only_with_a_full_pass(dls):
+    "one_batch/show_batch and an interrupted pass leave the schedule alone; a trained epoch moves it on"
+    dl = samplers['progressive'](dls, n_epoch=4, seed=0).train
+    e0 = dl.get_idxs()
+    dl.one_batch(); dl.one_batch()
+    assert dl.epoch == 0 and dl.get_idxs() == e0
+    for i,_ in enumerate(dl):
+        if i == 1: break
+    assert dl.epoch == 0
+    for _ in dl: pass
+    assert dl.epoch == 1 and dl.get_idxs() != e0
+    assert dl.sampler_state() == dict(seed=0, epoch=1)
+
+def test_fit_advances_one_epoch_per_trained_epoch_across_fits():
+    "fine_tune's two fits share one schedule: the sampler's epoch counts the learner's trained epochs"
+    from fastcls.learner import cls_learner
+    sdls = samplers['progressive'](synth_dls(n=48, n_classes=3, bs=8), n_epoch=3, seed=0)
+    learn = cls_learner(sdls, 'test_resnet', pretrained=False)
+    with learn.no_bar(), learn.no_logging():
+        learn.dls.one_batch()
+        learn.fine_tune(2, 1e-3, freeze_epochs=1)
+        assert learn.dls.train.epoch == 3
+        learn.get_preds(ds_idx=0)  # a sequential pass is another loader: the schedule does not move
+    assert learn.dls.train.epoch == 3

@@ -10,7 +10,7 @@ import numpy as np, torch
 from fastai.callback.core import Callback, CancelEpochException, CancelFitException
 from fastai.learner import Learner, Recorder
 from fastai.distributed import DistributedDL
-from fastai.torch_core import rank_distrib
+from fastai.torch_core import rank_distrib, num_distrib
 from fastcore.basics import store_attr, noop, patch
 
 # %% auto #0
@@ -59,6 +59,21 @@ class NonFiniteLossError(FloatingPointError):
     "The training loss became NaN or infinite"
 
 def _base_dl(dl): return _base_dl(dl.dl) if isinstance(dl, DistributedDL) else dl
+def _sampler_state(dl):
+    "The state of a class sampler's epoch schedule (`ClassSamplerDL`), None for other loaders"
+    f = getattr(_base_dl(dl), 'sampler_state', None)
+    return f() if callable(f) else None
+def _load_sampler_state(dl, state):
+    if state is not None and hasattr(_base_dl(dl), 'load_sampler_state'): _base_dl(dl).load_sampler_state(state)
+
+def _nonfinite_ranks(loss) -> list:
+    "Ranks whose `loss` is NaN/inf; under DDP every rank gets the same list (one all-reduce), so all stop together"
+    bad = not torch.isfinite(loss).all()
+    if num_distrib() <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()): return [0] if bad else []
+    flags = torch.zeros(num_distrib(), device=loss.device)
+    flags[rank_distrib()] = float(bad)
+    torch.distributed.all_reduce(flags)
+    return flags.nonzero().flatten().tolist()
 
 class CheckpointCallback(Callback):
     "Save atomic, resumable checkpoints every `every` batches and each epoch; resume from them; stop on a NaN loss"
@@ -107,9 +122,11 @@ class CheckpointCallback(Callback):
         self.done = 0
         if st is not None and self.epoch == st['epoch']: self._resume_epoch(dl, st)
         self.epoch_rng = _base_dl(dl).rng.getstate()  # the loader's state before it draws this epoch's order
+        self.epoch_sampler = _sampler_state(dl)  # and a class sampler's epoch (it advances at the end of the pass)
 
     def _resume_epoch(self, dl, st):
         _base_dl(dl).rng.setstate(st['dl_rng'])
+        _load_sampler_state(dl, st.get('sampler'))
         k,get = st['iter'],dl.get_idxs
         def _skip_seen():
             del dl.get_idxs  # back to the class's method
@@ -124,35 +141,39 @@ class CheckpointCallback(Callback):
         self.state = None
 
     def after_loss(self):
-        if self.nan_check and self.training and not torch.isfinite(self.loss).all():
+        if not (self.nan_check and self.training): return
+        bad = _nonfinite_ranks(self.loss)
+        if bad:
             where = f"{self.fn} (epoch {self._saved[0]}, batch {self._saved[1]})" if getattr(self, '_saved', None) else 'none written yet'
-            raise NonFiniteLossError(f"Training loss is {self.loss.mean().item()} at epoch {self.epoch}, batch {self.done}: training stopped "
+            what = f"{self.loss.mean().item()}" if bad == [rank_distrib()] or num_distrib() <= 1 else f"not finite on rank {', '.join(map(str, bad))}"
+            raise NonFiniteLossError(f"Training loss is {what} at epoch {self.epoch}, batch {self.done}: training stopped "
                                      f"before the optimizer step, so the model holds the last finite weights. Last good checkpoint: {where}. "
                                      "Try a lower learning rate, gradient clipping, or check the data of this batch.")
 
     def after_batch(self):
         if not self.training: return
         self.done += 1
-        if self.every and self.done % self.every == 0 and self.done < len(self.dl): self.save(self.epoch, self.done, self.epoch_rng)
+        if self.every and self.done % self.every == 0 and self.done < len(self.dl): self.save(self.epoch, self.done, self.epoch_rng, self.epoch_sampler)
 
     def after_epoch(self):
         if self.skipping: self.learn.recorder.values = list(self.state['values'])[:self.epoch+1]
-        else: self.save(self.epoch+1, 0, _base_dl(self.learn.dls.train).rng.getstate())
+        else: self.save(self.epoch+1, 0, _base_dl(self.learn.dls.train).rng.getstate(), _sampler_state(self.learn.dls.train))
 
     def after_fit(self):
         self._restore_logger()
         if self.state is not None:  # every epoch was done before the crash: continue with the random states of its end
             set_rng_states(self.state['rng'])
             _base_dl(self.learn.dls.train).rng.setstate(self.state['dl_rng'])
+            _load_sampler_state(self.learn.dls.train, self.state.get('sampler'))
             self.state = None
 
-    def save(self, epoch, it, dl_rng):
+    def save(self, epoch, it, dl_rng, sampler=None):
         "Write the checkpoint of the run at batch `it` of `epoch` (rank 0 only)"
         self._saved = (epoch, it)
         if rank_distrib(): return
         sm = self.learn.recorder.smooth_loss
         st = _plain(dict(model=getattr(self.model, 'module', self.model).state_dict(), opt=self.opt.state_dict(), fit_no=self.fit_no,
-                                epoch=epoch, iter=it, train_iter=self.learn.train_iter, n_epoch=self.n_epoch, dl_rng=dl_rng,
+                                epoch=epoch, iter=it, train_iter=self.learn.train_iter, n_epoch=self.n_epoch, dl_rng=dl_rng, sampler=sampler,
                                 rng=get_rng_states(), values=self.learn.recorder.values, smooth_loss=(sm.val, sm.count),
                                 cbs={cb.name: cb.checkpoint_state() for cb in self.learn.cbs if hasattr(cb, 'checkpoint_state')}))
         write_atomic(self.fn, lambda t: torch.save(st, t))

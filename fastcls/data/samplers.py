@@ -29,7 +29,7 @@ def progressive_probs(counts, epoch:int, n_epoch:int) -> Tensor:
 # %% ../../nbs/13_data.samplers.ipynb #5393404d
 @delegates(TfmdDL.__init__)
 class ClassSamplerDL(TfmdDL):
-    "A `TfmdDL` drawing each epoch's indices class by class with probabilities `probs(epoch)`, seeded by `(seed, epoch)`"
+    "A `TfmdDL` drawing each epoch's indices class by class with probabilities `probs(epoch)`, seeded by `(seed, epoch)`; a full pass advances `epoch`"
     def __init__(self, dataset=None, labels=None, # class index of every item
                  q:float|None=1., # exponent of $n_j$ in the class probabilities; None for `progressive`
                  n_epoch:int|None=None, # total epochs (progressively-balanced sampling only)
@@ -51,21 +51,24 @@ class ClassSamplerDL(TfmdDL):
         self.n_total = self.n  # indices per epoch over all ranks; `n` is this rank's share
         self.n = math.ceil(self.n_total / num_replicas)
 
-    def set_epoch(self, epoch:int): self.epoch = epoch
+    def set_epoch(self, epoch:int):
+        "Draw epoch `epoch` next (as `DistributedSampler.set_epoch`)"
+        self.epoch = epoch
+    def sampler_state(self) -> dict: return dict(seed=self.seed, epoch=self.epoch)
+    def load_sampler_state(self, state:dict): self.seed,self.epoch = state['seed'],state['epoch']
     def probs(self, epoch:int|None=None) -> Tensor:
         "Class probabilities at `epoch` (the current one by default)"
         e = self.epoch if epoch is None else epoch
         return progressive_probs(self.counts, e, self.n_epoch) if self.q is None else class_probs(self.counts, self.q)
 
     def epoch_idxs(self) -> list:
-        "All indices of the next epoch, before sharding (advances `epoch` when shuffling)"
+        "All indices of epoch `epoch`, before sharding: the same on every call until the epoch is done"
         n = self.n_total
         if not self.shuffle or n == 0: return list(range(n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1
         if self.q == 1: return torch.randperm(len(self.labels), generator=g)[:n].tolist() if n <= len(self.labels) \
                                else torch.randint(0, len(self.labels), (n,), generator=g).tolist()
-        w = (self.probs(self.epoch-1) / self.counts.float())[self.labels]  # per item: p_j / n_j
+        w = (self.probs() / self.counts.float())[self.labels]  # per item: p_j / n_j
         return torch.multinomial(w, n, replacement=True, generator=g).tolist()
 
     def get_idxs(self):
@@ -74,6 +77,11 @@ class ClassSamplerDL(TfmdDL):
         pad = self.n * self.num_replicas - len(idxs)  # as `DistributedSampler`: repeat the first indices
         idxs = idxs + (idxs * math.ceil(pad / len(idxs)))[:pad]
         return idxs[self.rank::self.num_replicas]
+
+    def after_iter(self):
+        "A full pass (one trained epoch) moves to the next epoch; `one_batch`, `show_batch` and interrupted passes do not"
+        super().after_iter()
+        if self.shuffle: self.epoch += 1
 
     def new(self, dataset=None, cls=None, **kwargs):
         kw = dict(labels=self.labels, q=self.q, n_epoch=self.n_epoch, seed=self.seed, epoch=self.epoch, n=self.n_total,
