@@ -72,3 +72,31 @@ def test_get_embeddings_linear_head_and_neighbors(dls):
     nb = learn.show_neighbors(1, k=4, embs=(e, y))
     s = F.normalize(e) @ F.normalize(e)[1]; s[1] = -2
     assert nb.tolist() == s.topk(4).indices.tolist()
+
+def test_one_embedding_pass_and_one_similarity_matrix_per_validation(dls, monkeypatch):
+    "The metrics of `retrieval_metrics` share the validation forward and one N×N matrix (only the very first validation re-runs a batch)"
+    import fastcls.metrics.retrieval as R
+    learn = cls_learner(dls, 'resnet18', head='arcface', embed_dim=16, pretrained=False, metrics=retrieval_metrics(ks=(1, 3)))
+    fwd, mats, orig = [0], [0], R._ranked_matches
+    def counted(*a, **k): mats[0] += 1; return orig(*a, **k)
+    monkeypatch.setattr(R, '_ranked_matches', counted)
+    learn.model.register_forward_pre_hook(lambda m, i: fwd.__setitem__(0, fwd[0] + 1))
+    n = len(learn.dls.valid)
+    with learn.no_bar(), learn.no_logging():
+        learn.validate()
+        assert (fwd[0], mats[0]) == (n + 1, 1)  # the store meets the model at the first batch of the first validation
+        fwd[0] = mats[0] = 0
+        vals = list(learn.validate()[1:])
+        assert (fwd[0], mats[0]) == (n, 1)
+    e, y = learn.get_embeddings()
+    want = retrieval_scores(e, y, ks=(1, 3))
+    assert vals == pytest.approx([want['precision_at_1'], want['recall_at_1'], want['recall_at_3'], want['map_at_r']], abs=1e-5)
+    assert not any(m._forward_hooks for m in learn.model.modules())
+
+def test_retrieval_metrics_survive_export(dls, tmp_path):
+    from fastai.learner import load_learner
+    learn = cls_learner(dls, 'resnet18', head='cosface', embed_dim=16, pretrained=False, metrics=retrieval_metrics(ks=(2,)))
+    with learn.no_bar(), learn.no_logging(): v = list(learn.validate()[1:])
+    learn.export(tmp_path/'export.pkl')
+    back = load_learner(tmp_path/'export.pkl'); back.dls = learn.dls
+    with back.no_bar(), back.no_logging(): assert list(back.validate()[1:]) == pytest.approx(v, abs=1e-5)

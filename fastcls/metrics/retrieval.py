@@ -12,13 +12,14 @@ from fastcore.basics import patch, store_attr
 from ..layers.heads import capture_embeddings
 
 # %% auto #0
-__all__ = ['recall_at_k', 'precision_at_1', 'map_at_r', 'retrieval_scores', 'RetrievalMetric', 'retrieval_metrics']
+__all__ = ['recall_at_k', 'precision_at_1', 'map_at_r', 'retrieval_scores', 'ValidEmbeddings', 'RetrievalMetric',
+           'retrieval_metrics']
 
 # %% ../../nbs/16_metrics.retrieval.ipynb #73d1a4fb
 def _ranked_matches(emb, labels, n:int|None=None):
-    "Label matches of each query's neighbours, nearest first (self excluded), and the number of positives"
+    "Label matches of each query's neighbours, nearest first (self excluded), and the number of positives; at least `n` (default R) ranks"
     emb,labels = F.normalize(emb.float(), dim=-1), torch.as_tensor(labels).view(-1).to(emb.device)
-    sim = emb @ emb.T
+    sim = emb @ emb.T  # the one N×N matrix
     sim.fill_diagonal_(-float('inf'))
     n_pos = (labels[:, None] == labels[None]).sum(1) - 1
     keep = n_pos > 0
@@ -26,11 +27,28 @@ def _ranked_matches(emb, labels, n:int|None=None):
     idx = sim[keep].topk(max(n, 1), dim=1).indices
     return (labels[idx] == labels[keep][:, None]).float(), n_pos[keep]
 
+def _score(name:str, m, r) -> float:
+    "Score `name` ('precision_at_1', 'recall_at_K' or 'map_at_r') from the ranked matches `m` and positives `r`"
+    if not len(m): return float('nan')
+    if name == 'map_at_r':
+        pos = torch.arange(1, m.shape[1]+1, device=m.device)
+        prec = m.cumsum(1) / pos
+        return ((prec * m * (pos[None] <= r[:, None])).sum(1) / r).mean().item()
+    return m[:, :_k(name)].amax(1).mean().item()
+
+def _k(name:str) -> int: return 1 if name == 'precision_at_1' else int(name[10:])
+
+def _scores(emb, labels, names) -> dict:
+    "All the scores `names` from one similarity matrix and one ranking deep enough for each of them"
+    ks = [_k(n) for n in names if n != 'map_at_r']
+    n_pos = int((torch.as_tensor(labels)[:, None] == torch.as_tensor(labels)[None]).sum(1).max()) - 1
+    m,r = _ranked_matches(emb, labels, max(ks + ([n_pos] if 'map_at_r' in names else [])))
+    return {n: _score(n, m, r) for n in names}
+
 def recall_at_k(emb, labels, k:int=1) -> float:
     "Fraction of queries with a same-class sample among their `k` nearest neighbours (cosine, leave-one-out)"
     if k < 1: raise ValueError(f"k must be >= 1, got {k}")
-    m,_ = _ranked_matches(emb, labels, k)
-    return m[:, :k].amax(1).mean().item() if len(m) else float('nan')
+    return _score(f'recall_at_{k}', *_ranked_matches(emb, labels, k))
 
 def precision_at_1(emb, labels) -> float:
     "Fraction of queries whose nearest neighbour shares their label"
@@ -38,17 +56,12 @@ def precision_at_1(emb, labels) -> float:
 
 def map_at_r(emb, labels) -> float:
     "Mean average precision at R (R = number of other samples of the query's class)"
-    m,r = _ranked_matches(emb, labels)
-    if not len(m): return float('nan')
-    pos = torch.arange(1, m.shape[1]+1, device=m.device)
-    within = pos[None] <= r[:, None]
-    prec = m.cumsum(1) / pos
-    return ((prec * m * within).sum(1) / r).mean().item()
+    return _score('map_at_r', *_ranked_matches(emb, labels))
 
 def retrieval_scores(emb, labels, ks=(1, 5)) -> dict:
-    "precision@1, Recall@K for each K in `ks` and mAP@R in one dict"
-    return {'precision_at_1': precision_at_1(emb, labels), **{f'recall_at_{k}': recall_at_k(emb, labels, k) for k in ks},
-            'map_at_r': map_at_r(emb, labels)}
+    "precision@1, Recall@K for each K in `ks` and mAP@R in one dict, from one similarity matrix"
+    if any(k < 1 for k in ks): raise ValueError(f"k must be >= 1, got {ks}")
+    return _scores(emb, labels, ['precision_at_1', *[f'recall_at_{k}' for k in ks], 'map_at_r'])
 
 # %% ../../nbs/16_metrics.retrieval.ipynb #29b3dc49
 @patch
@@ -70,35 +83,59 @@ def get_embeddings(self:Learner, dl=None, # a `DataLoader` (the validation set b
     return (F.normalize(emb, dim=-1) if normalize else emb), targs
 
 # %% ../../nbs/16_metrics.retrieval.ipynb #3647d2a3
-_scorers = {'precision_at_1': precision_at_1, 'map_at_r': map_at_r}
+_score_names = 'precision_at_1, map_at_r, recall_at_K (K an int)'
+
+class ValidEmbeddings:
+    "The validation embeddings and targets, captured once per validation for all the `RetrievalMetric`s sharing it"
+    def __init__(self, layer=None, before_neck:bool=False):
+        store_attr(); self.learn = self.cap = self.handle = None; self.reset()
+    def reset(self):
+        self._unhook()
+        self.embs,self.targs,self.key,self.scores = [],[],None,{}
+        if self.learn is not None: self._hook()  # hooked before the validation's first batch
+    def _hook(self): self.cap,self.handle = capture_embeddings(self.learn.model, self.layer, self.before_neck, detach=True)
+    def _unhook(self):
+        if self.handle is not None: self.handle.remove(); self.cap = self.handle = None
+    def accumulate(self, learn):
+        key = (learn.iter, id(learn.yb[0]))
+        if key == self.key: return  # another metric of this store already took this batch
+        self.key = key
+        if self.handle is None or self.learn is not learn:  # the first validation this store sees: the hook missed this batch
+            self._unhook(); self.learn = learn; self._hook()
+            with torch.no_grad(): learn.model(*learn.xb)
+        self.embs.append(self.cap.stored.float().cpu()); self.targs.append(learn.yb[0].cpu())
+    def score(self, name:str, names) -> float|None:
+        "Score `name`, computing all of `names` at once the first time a score of this validation is asked for"
+        self._unhook()
+        if not self.scores and self.embs: self.scores = _scores(torch.cat(self.embs), torch.cat(self.targs), names)
+        return self.scores.get(name)
+    def __getstate__(self): return {**self.__dict__, 'learn': None, 'cap': None, 'handle': None, 'embs': [], 'targs': [], 'scores': {}}
 
 class RetrievalMetric(Metric):
     "Retrieval score of the validation embeddings: 'precision_at_1', 'map_at_r' or 'recall_at_K'"
-    def __init__(self, score:str='precision_at_1', layer=None, before_neck:bool=False):
-        if score not in _scorers and not (score.startswith('recall_at_') and score[10:].isdigit()):
-            raise ValueError(f"Unknown retrieval score {score!r}. Valid choices: precision_at_1, map_at_r, recall_at_K (K an int)")
-        store_attr(); self.cap = self.handle = None; self.reset()
-    def reset(self): self.embs,self.targs,self._value = [],[],None
-    def accumulate(self, learn):
-        if self.handle is None:
-            self.cap,self.handle = capture_embeddings(learn.model, self.layer, self.before_neck, detach=True)
-            with torch.no_grad(): learn.model(*learn.xb)  # the hook missed this batch
-        self.embs.append(self.cap.stored.float().cpu()); self.targs.append(learn.yb[0].cpu())
+    def __init__(self, score:str='precision_at_1', layer=None, before_neck:bool=False,
+                 store:ValidEmbeddings|None=None): # shared with other retrieval metrics (see `retrieval_metrics`)
+        if score not in ('precision_at_1', 'map_at_r') and not (score.startswith('recall_at_') and score[10:].isdigit() and int(score[10:]) > 0):
+            raise ValueError(f"Unknown retrieval score {score!r}. Valid choices: {_score_names}")
+        self.score = score
+        self.store = store if store is not None else ValidEmbeddings(layer, before_neck)
+        self.store.names = [*getattr(self.store, 'names', []), score]
+    def reset(self): self.store.reset()
+    def accumulate(self, learn): self.store.accumulate(learn)
     @property
-    def value(self):
-        if self.handle is not None: self.handle.remove(); self.cap = self.handle = None
-        if self._value is None and self.embs:
-            e,y = torch.cat(self.embs),torch.cat(self.targs)
-            self._value = recall_at_k(e, y, int(self.score[10:])) if self.score.startswith('recall_at_') else _scorers[self.score](e, y)
-        return self._value
+    def value(self): return self.store.score(self.score, self.store.names)
     @property
     def name(self): return self.score
-    def __getstate__(self): return {**self.__dict__, 'cap': None, 'handle': None, 'embs': [], 'targs': []}
+    def __setstate__(self, d):  # 0.1 exports pickled a metric with its own hook attributes and no store
+        if 'store' not in d: d = dict(score=d['score'], store=ValidEmbeddings(d.get('layer'), d.get('before_neck', False)))
+        self.__dict__.update(d)
+        if not hasattr(self.store, 'names'): self.store.names = [self.score]
 
 def retrieval_metrics(ks=(1, 5), **kwargs):
-    "fastai metrics precision@1, Recall@K for `ks` and mAP@R"
-    return [RetrievalMetric('precision_at_1', **kwargs), *[RetrievalMetric(f'recall_at_{k}', **kwargs) for k in ks],
-            RetrievalMetric('map_at_r', **kwargs)]
+    "fastai metrics precision@1, Recall@K for `ks` and mAP@R, sharing one embedding pass and one similarity matrix"
+    store = ValidEmbeddings(**kwargs)
+    return [RetrievalMetric('precision_at_1', store=store), *[RetrievalMetric(f'recall_at_{k}', store=store) for k in ks],
+            RetrievalMetric('map_at_r', store=store)]
 
 # %% ../../nbs/16_metrics.retrieval.ipynb #0ab657e3
 @patch
