@@ -313,6 +313,7 @@ def _show_cams(imgs, maps, titles, colors=None, alpha=0.5, cmap='jet', nrows=Non
         h,w = m.shape[-2:]
         ax.imshow(to_np(m), cmap=cmap, alpha=alpha, extent=(0, w, h, 0), interpolation='bilinear', vmin=0, vmax=1)
         ax.set_title(ttl, color=c)
+    plt.gcf().tight_layout()  # room for the figure title above the first row's titles
     if fname is not None: plt.gcf().savefig(fname, bbox_inches='tight')
 
 def _first_n(dl, n):

@@ -37,3 +37,14 @@ def test_index_matches_readme():
     assert all(c['cell_type'] == 'markdown' for c in cells)
     norm = lambda s: re.sub(r'\s+', ' ', s).strip()
     assert norm('\n'.join(''.join(c['source']) for c in cells)) == norm((root/'README.md').read_text())
+
+def test_tutorial_cells_keep_their_results():
+    "The ELPV tutorial cell of 40_interpret keeps its training table and its Grad-CAM grid; no other cell keeps outputs"
+    cells = [c for c in json.loads((nbs[0].parent/'40_interpret.ipynb').read_text())['cells'] if c['cell_type'] == 'code']
+    kept = [c for c in cells if c.get('outputs')]
+    assert len(kept) == 1 and 'show_gradcam' in ''.join(kept[0]['source'])
+    text = ''.join(t for o in kept[0]['outputs'] for t in o.get('text', []))
+    assert re.search(r'epoch\s+train_loss\s+valid_loss\s+accuracy', text) and re.search(r'^1\s+\d\.\d+', text, re.M)
+    imgs = [o['data'] for o in kept[0]['outputs'] if 'image/jpeg' in o.get('data', {}) or 'image/png' in o.get('data', {})]
+    assert len(imgs) == 1 and len(json.dumps(imgs)) < 150_000  # one small grid
+    assert not any('█' in t for o in kept[0]['outputs'] for t in o.get('text', []))  # no progress-bar debris
