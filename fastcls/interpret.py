@@ -86,7 +86,10 @@ def _module_name(model, module):
 def _is_vit(tm): return hasattr(tm, 'blocks') and _prefix_tokens(tm) is not None
 
 def _prefix_tokens(tm):
-    "Class/register/distillation tokens before the patch tokens (CrossViT: one class token per branch)"
+    "Class/register/distillation tokens before the patch tokens at the CAM layer (CrossViT: one per branch; CaiT: none, its class token joins after `blocks`)"
+    if hasattr(tm, 'blocks_token_only'): return 0  # CaiT
+    if hasattr(tm, 'cls_token1'): return 1  # CoaT: one class token per scale
+    if hasattr(tm, 'transformers') and hasattr(tm, 'num_tokens'): return tm.num_tokens  # PiT (2 when distilled)
     return 1 if hasattr(tm, 'num_branches') and getattr(tm, 'num_prefix_tokens', None) is None else getattr(tm, 'num_prefix_tokens', None)
 
 def _spatial_candidates(model, x):
@@ -105,6 +108,16 @@ def _vit_layer(tm):
     n1 = [n for n,_ in tm.blocks[-1].named_modules() if n.split('.')[-1] == 'norm1']
     return f'blocks.{len(tm.blocks)-1}' + (f'.{n1[-1]}' if n1 else '')
 
+def _class_token_layer(tm):
+    "Models whose head reads only class tokens (PiT, CoaT): the input of the last block that mixes them with the patch tokens"
+    if hasattr(tm, 'transformers') and hasattr(tm, 'num_tokens'):  # PiT: the last stage's patch tokens feed only its attention
+        t = len(tm.transformers) - 1
+        return f'transformers.{t}.blocks.{len(tm.transformers[t].blocks)-1}.norm1'
+    if hasattr(tm, 'cls_token1'):  # CoaT: the last (parallel or serial) block's input of the smallest scale
+        if getattr(tm, 'parallel_blocks', None) is not None: return f'parallel_blocks.{len(tm.parallel_blocks)-1}.norm14'
+        return f'serial_blocks4.{len(tm.serial_blocks4)-1}.norm1'
+    return None
+
 def find_cam_layer(model:nn.Module, # the model
                    layer:str|nn.Module|None=None, # a module name, a module, or None to choose automatically
                    x:Tensor|None=None # an input batch, used to list candidate layers when none can be chosen
@@ -122,7 +135,7 @@ def find_cam_layer(model:nn.Module, # the model
             raise ValueError(f"Cannot choose a CAM target layer: no timm model (with `feature_info`) in {type(model).__name__}. "
                              f"Pass `layer=` one of the last layers with spatial output: {', '.join(cands)}")
         if _is_vit(tm): layer = _vit_layer(tm)
-        else: layer = tm.feature_info[-1]['module']
+        else: layer = _class_token_layer(tm) or tm.feature_info[-1]['module']
         return prefix+layer, tm.get_submodule(layer)
     if not isinstance(layer, str): raise TypeError(f"layer must be a module name or a module, got {type(layer).__name__}")
     for nm in (layer, prefix+layer):

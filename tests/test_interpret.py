@@ -198,3 +198,17 @@ def test_plots(tmp_path):
     axs = [a for a in plt.gcf().axes if a.get_title()]
     assert len(axs) == 3 and all(len(a.get_images()) == 1 for a in axs)
     plt.close('all')
+
+@pytest.mark.parametrize('arch,layer,varies', [
+    ('pit_ti_224', 'transformers.2.blocks.3.norm1', True),   # the head reads the class token: the last stage's block input
+    ('coat_tiny', 'parallel_blocks.5.norm14', True),       # the parallel blocks run from a ModuleList: its last block's input
+    ('cait_xxs24_224', 'blocks.23.norm1', False)])         # no class token in `blocks` (it joins later); LayerScale 1e-5 at init
+def test_cam_on_class_token_models(arch, layer, varies):
+    "Models whose head reads only class tokens get a CAM layer that the class token sees, and maps of the input size"
+    dls = synth_dls(n=8, size=64, bs=4)
+    learn = cls_learner(dls, arch, pretrained=False)
+    assert find_cam_layer(learn.model)[0] == f'0.model.{layer}'
+    xb, _ = dls.one_batch()
+    maps = learn.cam(xb[:2])
+    assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all()
+    if varies: assert (maps.flatten(1).std(1) > 0.05).all()  # a real map, not a constant from a missing gradient
