@@ -11,7 +11,10 @@ digits10: SSL on all training images, labels of a stratified 10 % of them for k-
 Rows: `scratch` = `cls_learner(pretrained=False).fit_one_cycle(ssl_epochs + ft_epochs)`; `METHOD` = `ssl_learner(METHOD)
 .fit_one_cycle(ssl_epochs)` then `cls_learner(pretrained=ssl_learn).fine_tune(ft_epochs-1, freeze_epochs=1)`: the
 same number of epochs in total (an SSL epoch costs more: two or more views, a teacher; wall seconds are recorded).
-Rows (c)/(d) of the issue (ImageNet weights) need `fastcls/pretrained.py`, not on main when this was written: not run.
+Rows (c)/(d) of the issue: `imagenet` = `cls_learner(pretrained=True).fine_tune(ssl_epochs + ft_epochs - 1, freeze_epochs=1)`
+(the ImageNet weights of the installed source: use `--arch tf_efficientnet_lite0`); `imagenet+METHOD` = `ssl_learner(METHOD,
+pretrained=True)` for `ssl_epochs` (domain-adaptive pretraining on ELPV from ImageNet weights), then the same fine-tuning as
+`METHOD`. Run all rows with the same `--arch` to compare (a)-(d) on one network.
 """
 import argparse, json, time, warnings
 from pathlib import Path
@@ -55,6 +58,13 @@ def main(a):
     for m in a.methods.split(','):
         set_seed(a.seed, reproducible=True)
         t0 = time.time()
+        if m == 'imagenet':  # (c): ImageNet weights, fine-tuned for the whole budget
+            learn = cls_learner(make_dls(lab, a.size, a.bs, aug, a.seed), a.arch, pretrained=True, metrics=accuracy)
+            with learn.no_bar(), learn.no_logging(): learn.fine_tune(a.ssl_epochs + a.ft_epochs - 1, a.lr, freeze_epochs=1)
+            emit(dict(method='imagenet', **scores(learn), wall_s=round(time.time()-t0)))
+            continue
+        init, _, meth = m.rpartition('+')  # 'imagenet+simclr': (d), SSL from the ImageNet weights
+        if init not in ('', 'imagenet'): raise ValueError(f"--methods {m!r}: METHOD or imagenet+METHOD")
         if m == 'scratch':
             learn = cls_learner(make_dls(lab, a.size, a.bs, aug, a.seed), a.arch, pretrained=False, metrics=accuracy)
             with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.ssl_epochs + a.ft_epochs, a.lr)
@@ -62,7 +72,7 @@ def main(a):
             continue
         knn = make_dls(lab, a.size, a.bs, False, a.seed)
         sdls = ssl_dls(make_dls(allf, a.size, a.bs, False, a.seed), size=a.size, bs=a.bs, seed=a.seed)
-        sl = ssl_learner(sdls, a.arch, m, knn_dls=knn, **METHOD_KW[m])
+        sl = ssl_learner(sdls, a.arch, meth, knn_dls=knn, pretrained=init == 'imagenet', **METHOD_KW[meth])
         with sl.no_bar(), sl.no_logging(): sl.fit_one_cycle(a.ssl_epochs, a.ssl_lr)
         t1 = time.time()
         knn_curve = [round(v[3], 4) for v in sl.recorder.values]

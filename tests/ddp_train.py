@@ -20,9 +20,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--out', required=True); p.add_argument('--bs', type=int, default=8)
     p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('--kd-ema', action='store_true', help='train with a KDCallback teacher and EMA; save the EMA weights per rank')
     p.add_argument('--nan-rank', type=int, default=None, help="make this rank's loss NaN at epoch 0, batch 1 (inside `learn.resumable`)")
     a = p.parse_args()
     if a.nan_rank is not None: return nan_run(a)
+    if a.kd_ema: return kd_ema_run(a)
     set_seed(0)
     dls = synth_dls(n=65, size=32, n_classes=2, bs=a.bs, seed=0, device='cpu')
     dls.train = dls.train.new(cls=GroupBalancedDL)
@@ -49,6 +51,22 @@ def main():
     if rank_distrib() == 0:
         torch.save(learn.model.state_dict(), os.path.join(a.out, 'model.pth'))
         torch.save(init, os.path.join(a.out, 'init.pth'))
+
+def kd_ema_run(a):
+    "KD from a fixed teacher and EMA under DDP: the EMA weights must be the same on every rank and match one process at the global batch"
+    from fastcls.callback.distill import KDCallback
+    from fastcls.callback.ema import EMA
+    set_seed(0)
+    dls = synth_dls(n=64, size=32, n_classes=2, bs=a.bs, seed=0, device='cpu')
+    set_seed(1); teacher = cls_learner(dls, 'test_resnet', head='linear', pretrained=False).model.eval()
+    set_seed(0); learn = cls_learner(dls, 'test_convnext', head='linear', pretrained=False)
+    ema = EMA(decay=0.9, warmup=False)
+    with learn.no_bar(), learn.no_logging(), learn.distrib_ctx():
+        learn.fit(a.epochs, 1e-3, cbs=[KDCallback(teacher, T=2., alpha=0.5), ema])
+    os.makedirs(a.out, exist_ok=True)
+    torch.save({k: v.clone() for k,v in ema.module.state_dict().items()}, os.path.join(a.out, f'ema{rank_distrib()}.pth'))
+    with open(os.path.join(a.out, f'rank{rank_distrib()}.json'), 'w') as f:
+        json.dump(dict(rank=rank_distrib(), world=num_distrib(), updates=ema.updates), f)
 
 def nan_run(a):
     "Every rank must stop with NonFiniteLossError when one rank's loss is NaN (none may wait in an all-reduce)"

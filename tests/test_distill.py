@@ -129,3 +129,25 @@ def test_cli_teacher_kd_ema(tmp_path, capsys):
     assert 'neither a folder' in capsys.readouterr().err
     assert main(['train', '--data', str(root), '--out', str(tmp_path/'bad'), '--teacher', str(tmp_path/'big'), '--kd', '1.5', *tiny]) == 2
     assert '[0, 1]' in capsys.readouterr().err
+
+def test_kd_and_ema_under_autocast():
+    "bf16 autocast from before_batch to after_loss (what fastai's MixedPrecision does on CUDA, here on the CPU): KD's loss is fp32, EMA stays fp32"
+    from fastai.callback.core import Callback
+    from fastcls.callback.ema import EMA
+    class CPUAutocast(Callback):
+        order = 10
+        def before_batch(self): self.ac = torch.autocast('cpu', dtype=torch.bfloat16); self.ac.__enter__()
+        def after_loss(self): self.ac.__exit__(None, None, None)
+    seen = []
+    class Look(Callback):
+        order = 100
+        def after_loss(self): seen.append((self.pred.dtype, self.loss.dtype, bool(torch.isfinite(self.loss))))
+    dls = synth_dls(n=32, size=32, n_classes=2, bs=8, device='cpu')
+    teacher = cls_learner(dls, 'test_resnet', head='linear', pretrained=False).model.eval()
+    learn = cls_learner(dls, 'test_convnext', head='linear', pretrained=False)
+    w0 = [p.detach().clone() for p in learn.model.parameters()]
+    ema = EMA(decay=0.9, warmup=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[CPUAutocast(), KDCallback(teacher, T=2., alpha=0.5), ema, Look()])
+    assert seen and all(s == (torch.bfloat16, torch.float32, True) for s in seen), seen
+    assert {p.dtype for p in ema.module.parameters()} == {torch.float32}
+    assert any(not torch.equal(a, b) for a, b in zip(w0, learn.model.parameters()))

@@ -63,3 +63,15 @@ def test_nan_on_one_rank_stops_every_rank(tmp_path):
     assert all(r['error'] and 'at epoch 0, batch 1' in r['error'] for r in ranks), ranks
     assert 'not finite on rank 1' in ranks[0]['error'] and 'nan at epoch 0' in ranks[1]['error']
     assert ranks[0]['batches'] == ranks[1]['batches'] == [0]  # neither rank stepped past the poisoned batch
+
+def test_kd_and_ema_under_ddp(tmp_path):
+    "KDCallback + EMA on 2 ranks: the EMA weights agree across ranks and with one process at the same global batch"
+    single = _run(tmp_path/'single', 1, 16, '--kd-ema')
+    ddp = _run(tmp_path/'ddp', 2, 8, '--kd-ema')
+    assert [r['world'] for r in ddp] == [2, 2]
+    assert [r['updates'] for r in ddp] == [single[0]['updates']] * 2 and single[0]['updates'] == 6  # 48 training items, global batch 16, 2 epochs
+    e1, e0, r1 = (torch.load(tmp_path/d/f'ema{i}.pth') for d,i in (('ddp', 1), ('ddp', 0), ('single', 0)))
+    for k in e0:
+        if not e0[k].is_floating_point(): continue
+        torch.testing.assert_close(e1[k], e0[k], atol=0, rtol=0, msg=k)  # every rank holds the same EMA
+        torch.testing.assert_close(e0[k], r1[k], atol=1e-4, rtol=1e-3, msg=k)
