@@ -70,7 +70,7 @@ class CosineLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
     def forward(self, x):
         cos = F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
-        return cos if self.k == 1 else cos.view(len(x), self.out_features, self.k).amax(-1)
+        return cos if self.k == 1 else cos.unflatten(-1, (self.out_features, self.k)).amax(-1)  # no batch size in the graph: ONNX dynamic batch
     def extra_repr(self): return f'in_features={self.in_features}, out_features={self.out_features}, k={self.k}'
 
 # %% ../../nbs/03_layers.heads.ipynb #048d105e
