@@ -5,8 +5,11 @@
     python benchmarks/bench_longtail.py --data digits50 --epochs 8 --size 32 --bs 16 --out benchmarks/longtail/digits50.jsonl
     python benchmarks/bench_longtail.py --table benchmarks/longtail/*.jsonl   # markdown tables
 
-Every method trains `resnet18` from scratch (`pretrained=False`) with `fit_one_cycle(epochs, lr)` and the data's
-default augmentation (ELPV: fastai's `aug_transforms`). `crt`, `lws`, `tau_norm*` and `posthoc_la` start from
+Every method trains `--arch` (default `resnet18`) from scratch (`pretrained=False`) with `fit_one_cycle(epochs, lr)` and the data's
+default augmentation (ELPV: fastai's `aug_transforms`). With `--pretrained` (e.g. `--arch tf_efficientnet_lite0 --pretrained`, the
+ImageNet weights of the installed package) every method fine-tunes instead: `fine_tune(epochs - 1, lr, freeze_epochs=1)`, the
+setting decoupling, LA and BBN were designed for; the `fastai` peer is then skipped (fastai's `vision_learner` can only get
+timm weights from the hub, unreachable offline). `label_smoothing` is CE with label smoothing 0.1. `crt`, `lws`, `tau_norm*` and `posthoc_la` start from
 the plain-CE model of the same run (`ce` must run first): cRT and LWS add `--crt-epochs` head-only epochs at `--crt-lr` (class-balanced sampler); τ-norm and
 post-hoc LA add no training. `tau_norm_val` searches τ on the validation set it is scored on (optimistic).
 `X_sampler` is plain CE on a training set drawn by `samplers['X']`.
@@ -24,8 +27,8 @@ from fastcls.data.samplers import samplers
 from fastcls.metrics.longtail import class_recall, balanced_acc
 from fastcls.callback.longtail import DRW, bbn_learner, CumulativeLearning
 
-ARCH = 'resnet18'
-ALL = 'fastai,ce,posthoc_la,tau_norm,tau_norm_val,crt,lws,balanced_softmax,ldam_drw,bbn,logit_adjusted,cb,focal,class_balanced_sampler,sqrt_sampler'
+ARCH, PRETRAINED = 'resnet18', False
+ALL = 'fastai,ce,label_smoothing,posthoc_la,tau_norm,tau_norm_val,crt,lws,balanced_softmax,ldam_drw,bbn,logit_adjusted,cb,focal,class_balanced_sampler,sqrt_sampler'
 
 def get_dls(data, size, bs):
     if data == 'elpv': return elpv_dls(size=size, bs=bs)
@@ -34,7 +37,7 @@ def get_dls(data, size, bs):
 
 def train(dls, method, epochs, lr):
     "A trained learner for a method that trains from scratch"
-    kw = dict(pretrained=False, metrics=accuracy)
+    kw = dict(pretrained=PRETRAINED, metrics=accuracy)
     if method == 'fastai':  # the peer: plain fastai, the baseline recipe
         learn = vision_learner(dls, ARCH, **kw)
         cbs = []
@@ -47,16 +50,22 @@ def train(dls, method, epochs, lr):
     elif method.endswith('_sampler'):  # plain CE, training set drawn by a sampler of `fastcls.samplers`
         learn = cls_learner(samplers[method[:-len('_sampler')]](dls, seed=42), ARCH, **kw)
         cbs = []
+    elif method == 'label_smoothing':
+        learn = cls_learner(dls, ARCH, loss_func=CrossEntropyLossFlat(label_smoothing=0.1), **kw)
+        cbs = []
     else:
         learn = cls_learner(dls, ARCH, loss_func=None if method == 'ce' else losses[method](dls), **kw)
         cbs = []
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=cbs)
+    with learn.no_bar(), learn.no_logging():
+        if PRETRAINED: learn.fine_tune(epochs - 1, lr, freeze_epochs=1, cbs=cbs)
+        else: learn.fit_one_cycle(epochs, lr, cbs=cbs)
     return learn
 
 def from_ce(dls, method, ce_state, a):
     "A method applied to the plain-CE model"
-    learn = cls_learner(dls, ARCH, pretrained=False, metrics=accuracy)
+    learn = cls_learner(dls, ARCH, pretrained=PRETRAINED, metrics=accuracy)
     learn.model.load_state_dict(ce_state)
+    learn.unfreeze()
     with learn.no_bar(), learn.no_logging():
         if method == 'posthoc_la': learn.posthoc_la(1.)
         elif method == 'tau_norm': learn.tau_norm(1., force=True)
@@ -73,6 +82,9 @@ def evaluate(learn, dls):
                 recall=[round(float(x), 3) for x in r])
 
 def run(a):
+    global ARCH, PRETRAINED
+    ARCH, PRETRAINED = a.arch, a.pretrained
+    if PRETRAINED and 'fastai' in a.methods.split(','): a.methods = ','.join(m for m in a.methods.split(',') if m != 'fastai')
     torch.set_num_threads(a.threads)
     warnings.filterwarnings('ignore')
     dls = get_dls(a.data, a.size, a.bs)
@@ -86,7 +98,7 @@ def run(a):
             learn = from_ce(dls, m, ce_state, a)
         else: learn = train(dls, m, a.epochs, a.lr)
         if m == 'ce': ce_state = {k: v.clone() for k,v in learn.model.state_dict().items()}
-        res = dict(data=a.data, method=m, arch=ARCH, size=a.size, bs=a.bs, epochs=a.epochs, lr=a.lr, seed=a.seed, crt_epochs=a.crt_epochs, crt_lr=a.crt_lr,
+        res = dict(data=a.data, method=m, arch=ARCH, pretrained=PRETRAINED, size=a.size, bs=a.bs, epochs=a.epochs, lr=a.lr, seed=a.seed, crt_epochs=a.crt_epochs, crt_lr=a.crt_lr,
                    vocab=list(map(str, dls.vocab)), train_counts=counts, **evaluate(learn, dls), seconds=round(time.time() - t))
         if m == 'tau_norm_val': res['tau'] = learn.model[1][1][-1].tau if hasattr(learn.model[1][1][-1], 'tau') else None
         print(json.dumps(res), flush=True)
@@ -95,11 +107,12 @@ def run(a):
 
 def table(paths):
     rows = [json.loads(l) for p in paths for l in open(p) if l.strip()]
-    setup = lambda r: (r['data'], r['size'], r.get('bs', 64), r['epochs'], r['lr'], r['seed'])  # one table per setup
+    setup = lambda r: (r['data'], r['arch'], r.get('pretrained', False), r['size'], r.get('bs', 64), r['epochs'], r['lr'], r['seed'])  # one table per setup
     for key in dict.fromkeys(map(setup, rows)):
         rs = [r for r in rows if setup(r) == key]
         r0 = rs[0]
-        print(f"\n**{r0['data']}** ({r0['arch']} from scratch, {r0['size']} px, bs {r0.get('bs', 64)}, {r0['epochs']} epochs `fit_one_cycle` lr {r0['lr']}, seed {r0['seed']}; "
+        how = 'pretrained, `fine_tune(%d, freeze_epochs=1)`' % (r0['epochs'] - 1) if r0.get('pretrained') else "from scratch, %d epochs `fit_one_cycle`" % r0['epochs']
+        print(f"\n**{r0['data']}** ({r0['arch']} {how}, {r0['size']} px, bs {r0.get('bs', 64)}, lr {r0['lr']}, seed {r0['seed']}; "
               f"train counts {dict(zip(r0['vocab'], r0['train_counts']))})\n")
         peer = next((r for r in rs if r['method'] == 'fastai'), None)  # ratios against plain fastai when it ran
         vs = lambda r, k: f"{r[k]/peer[k]:.2f}" if peer else '–'
@@ -112,6 +125,7 @@ def table(paths):
 if __name__ == '__main__':
     p = argparse.ArgumentParser()
     p.add_argument('--data', default='elpv'); p.add_argument('--methods', default=ALL)
+    p.add_argument('--arch', default=ARCH); p.add_argument('--pretrained', action='store_true')
     p.add_argument('--epochs', type=int, default=8); p.add_argument('--size', type=int, default=96)
     p.add_argument('--bs', type=int, default=64); p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--crt-epochs', type=int, default=2); p.add_argument('--crt-lr', type=float, default=1e-2); p.add_argument('--seed', type=int, default=42)
