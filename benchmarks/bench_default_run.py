@@ -19,6 +19,8 @@ p.add_argument('--epochs', type=int, default=4); p.add_argument('--freeze-epochs
 p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--loss', default='ce'); p.add_argument('--sampler', default='none')
 p.add_argument('--aug', default='basic', choices=['basic', 'dihedral']); p.add_argument('--tta', action='store_true')
 p.add_argument('--seed', type=int, default=42); p.add_argument('--threads', type=int, default=2)
+p.add_argument('--no-channels-last', action='store_true', help="keep PyTorch's default memory format (fastcls train uses channels-last on the CPU)")
+p.add_argument('--posthoc-la', type=float, default=None, help='also score `learn.posthoc_la(tau)` (a fixed tau, not chosen on the reported set)')
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 warnings.filterwarnings('ignore')
@@ -34,6 +36,9 @@ dls = make_dls(df, a.size, a.bs, a.seed, aug='dihedral' if a.aug == 'dihedral' e
 dls = _with_sampler(a.sampler, dls, a.epochs + a.freeze_epochs, a.seed)
 pre = {'true': True, 'false': False}.get(a.pretrained.lower(), a.pretrained)
 learn = cls_learner(dls, a.arch, pretrained=pre, loss_func=loss_from_name(a.loss, dls))
+if not a.no_channels_last:
+    import fastai.callback.channelslast  # noqa: F401
+    learn.to_channelslast(use_amp=False)
 cpu = lambda: sum(os.times()[:4])  # user+system of this process and its reaped workers
 start,cpu0 = time.time(),cpu()
 with learn.no_bar(), learn.no_logging():

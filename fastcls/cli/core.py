@@ -210,6 +210,7 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
     from fastai.torch_core import set_seed
     from fastcls.learner import cls_learner
     import fastcls.callback.checkpoint  # noqa: F401  (`Learner.resumable`, for --resume)
+    import fastai.callback.channelslast  # noqa: F401  (`Learner.to_channelslast`)
     check_config(cfg)
     df,aug = data_df(data, valid_pct, cfg['seed'], skip_bad)
     if out is not None: out = check_out(out)
@@ -220,6 +221,7 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
                         loss_func=loss_from_name(cfg['loss'], dls), cbs=[mix] if mix is not None else None)
     extra = distill_cbs(dls, teacher, kd, ema)
     learn.add_cbs(extra)
+    if dls.device is None or dls.device.type == 'cpu': learn.to_channelslast(use_amp=False)  # CPU: 0.74x the step time of lite0 (BENCHMARKS.md §8)
     start = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*upsample.*|.*lr_find.*')
