@@ -61,6 +61,8 @@ def run(row, seed, a, df):
     dls = make_dls(df, a.size, a.bs, seed)
     arch, attn = (timm_se_lite0, None) if row == 'timm_se' else (ARCH, None if row == 'plain' else row)
     learn = cls_learner(dls, arch, attn=attn, pretrained=True)
+    import fastai.callback.channelslast  # noqa: F401
+    learn.to_channelslast(use_amp=False)  # as `fastcls train` on the CPU
     cpu = lambda: sum(os.times()[:4])
     t0,c0 = time.time(),cpu()
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(a.epochs, a.lr, freeze_epochs=a.freeze_epochs)
@@ -89,7 +91,7 @@ def main():
     p.add_argument('--rows', default='plain,se,eca,cbam,coord,timm_se'); p.add_argument('--seeds', default='0')
     p.add_argument('--seeded-rows', default='plain,se,timm_se', help='rows run with every seed of --all-seeds')
     p.add_argument('--all-seeds', default='0,1,2')
-    p.add_argument('--size', type=int, default=128); p.add_argument('--bs', type=int, default=32)
+    p.add_argument('--size', type=int, default=96); p.add_argument('--bs', type=int, default=32)
     p.add_argument('--epochs', type=int, default=2); p.add_argument('--freeze-epochs', type=int, default=1)
     p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--out'); p.add_argument('--table')
     a = p.parse_args()
