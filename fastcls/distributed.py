@@ -129,8 +129,8 @@ class ClsDistributedTrainer(DistributedTrainer):
             self.sync_bn = False
 
     def before_fit(self):
-        mc = getattr(self.learn, 'model_config', None)
-        unused = unused_params(self.learn.model, mc.n_in if mc is not None else 3)
+        mc = getattr(self.learn, 'model_config', None)  # a classifier: probe it with one image (an SSL model takes views: not probed)
+        unused = unused_params(self.learn.model, mc.n_in) if mc is not None else []
         if unused and not getattr(self.accelerator.ddp_handler, 'find_unused_parameters', False):
             from accelerate.utils import DistributedDataParallelKwargs
             self.accelerator.ddp_handler = self.accelerator.ddp_handler or DistributedDataParallelKwargs()

@@ -176,3 +176,22 @@ def test_queue_and_center_across_ranks(tmp_path):
     for r in (r0, r1):
         torch.testing.assert_close(r['center'], 0.5*ts.mean((0, 1)).view(1, 1, 2))
         torch.testing.assert_close(r['queue'][:6], ts[0]); assert int(r['ptr']) == 6
+
+def test_full_ddp_fit_of_ssl_learner(tmp_path):
+    "A whole `distrib_ctx` fit on 2 gloo processes: MoCo v2's queue and DINO's centre and teacher end the same on both ranks, as the student does"
+    import os, socket, subprocess
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
+                        str(Path(__file__).parent/'ssl_ddp_train.py'), '--out', str(tmp_path), '--bs', '8'],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path/'rank0.pth'), torch.load(tmp_path/'rank1.pth')
+    for m in ('mocov2', 'dino'):
+        run = r0[m + '_run']
+        assert run == r1[m + '_run'] and run['world'] == 2 and run['steps'] == run['n_train'] // 16 > 0  # 2 ranks x 8 images a step: each rank half the epoch
+        assert r0[m].keys() == r1[m].keys()
+        for k in r0[m]: torch.testing.assert_close(r1[m][k], r0[m][k], atol=1e-6, rtol=0, msg=f'{m} {k}')
+    q = r0['mocov2']
+    assert int(q['queue_ptr']) == (16 * r0['mocov2_run']['steps']) % 16  # every step enqueues both ranks' 2x8 keys
+    assert float(r0['dino']['center'].abs().sum()) > 0  # the centre moved, from both ranks' teacher outputs
