@@ -118,6 +118,11 @@ def test_vit_encoder_and_lr_find(dls):
     learn = ssl_learner(dls, 'test_vit', 'dino', out_dim=32, hidden=32, bottleneck=8, n_local=2)  # local crops: 16-px views (one patch) for a 32-px ViT
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-4)
     assert torch.isfinite(torch.tensor(learn.recorder.values[0][:2])).all()
+    clf = cls_learner(synth_dls(n=32, size=32), 'test_vit', pretrained=learn)  # the ViT encoder goes to a classifier as a CNN's does
+    w = learn.model.encoder.body.model.patch_embed.proj.weight
+    torch.testing.assert_close(clf.model[0].model.patch_embed.proj.weight, w, rtol=0, atol=0)
+    with clf.no_bar(), clf.no_logging(): clf.fine_tune(1, 1e-3, freeze_epochs=0)
+    assert not torch.equal(clf.model[0].model.patch_embed.proj.weight, w)
     l2 = ssl_learner(dls, 'test_resnet', 'simclr')
     with l2.no_bar(), l2.no_logging(): res = l2.lr_find(num_it=6, show_plot=False)
     assert res.valley > 0
