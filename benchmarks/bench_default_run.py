@@ -23,7 +23,19 @@ p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--loss', defau
 p.add_argument('--aug', default='basic', choices=['basic', 'dihedral']); p.add_argument('--tta', action='store_true')
 p.add_argument('--seed', type=int, default=42); p.add_argument('--threads', type=int, default=2)
 p.add_argument('--no-channels-last', action='store_true', help="keep PyTorch's default memory format (fastcls train uses channels-last on the CPU)")
+p.add_argument('--table', help='print the markdown table of a JSON-lines file of earlier runs and exit')
 a = p.parse_args()
+if a.table:
+    print('| size | epochs (frozen + unfrozen) | lr | loss | channels-last | top-1 / balanced | recalls | TTA: top-1 / balanced | + post-hoc LA τ=1 | train s (CPU s) |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for l in open(a.table):
+        r = json.loads(l); c = r['config']; k = 'tta' if 'tta' in r else 'plain'
+        cl = 'no' if c.get('no_channels_last', True) else 'yes'
+        tta = f"{r['tta']['top1']} / {r['tta']['balanced']}" + (' (fastai `tta`)' if 'no_channels_last' not in c else '') if 'tta' in r else '–'
+        la = r[f'{k}+la1.0']
+        print(f"| {c['size']} | {c['freeze_epochs']} + {c['epochs']} | {c['lr']} | {c['loss']} | {cl} | {r['plain']['top1']} / {r['plain']['balanced']} | "
+              f"{' / '.join(f'{x:.2f}' for x in r['plain']['recalls'])} | {tta} | {la['top1']} / {la['balanced']} | {r['train_s']:.0f} ({r['train_cpu_s']:.0f}) |")
+    raise SystemExit
 torch.set_num_threads(a.threads)
 warnings.filterwarnings('ignore')
 
