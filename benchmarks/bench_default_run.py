@@ -26,7 +26,7 @@ p.add_argument('--no-channels-last', action='store_true', help="keep PyTorch's d
 p.add_argument('--table', help='print the markdown table of a JSON-lines file of earlier runs and exit')
 a = p.parse_args()
 if a.table:
-    print('| size | epochs (frozen + unfrozen) | lr | loss | channels-last | top-1 / balanced | recalls | TTA: top-1 / balanced | + post-hoc LA τ=1 | train s (CPU s) |')
+    print('| size | epochs (frozen + unfrozen) | lr | loss | channels-last | top-1 / balanced | recalls | TTA: top-1 / balanced | TTA + post-hoc LA τ=1 | train s (CPU s) |')
     print('|---|---|---|---|---|---|---|---|---|---|')
     for l in open(a.table):
         r = json.loads(l); c = r['config']; k = 'tta' if 'tta' in r else 'plain'
