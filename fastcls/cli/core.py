@@ -150,7 +150,7 @@ train_defaults = dict(arch='tf_efficientnet_lite0', attn=None, pool='avg', head=
                       epochs=4, lr=2e-3, size=128, bs=32, pretrained=True, seed=42)  # the measured pretrained run: BENCHMARKS.md §8
 
 recipes = Registry('recipe')
-recipes.register('baseline', {}, doc='the defaults: class-weighted cross-entropy, no attention, no mixing')
+recipes.register('baseline', {}, doc='the defaults (`train_defaults`): pretrained EfficientNet-Lite0, cross-entropy, no attention, no mixing')
 for _a in ('se', 'eca', 'cbam', 'coord'): recipes.register(_a, dict(attn=_a), doc=f'{_a} attention in every block')
 recipes.register('mixup', dict(mix='mixup'), doc='MixUp (alpha 0.4)')
 recipes.register('cutmix', dict(mix='cutmix'), doc='CutMix (alpha 1)')
