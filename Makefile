@@ -33,7 +33,7 @@ nbtest: env
 	$(BIN)/nbdev-test --n-workers 2 --flags slow
 
 pytest: env
-	$(BIN)/python -m pytest -q tests; rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" && exit 1; exit $$rc
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests; rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" && exit 1; exit $$rc
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

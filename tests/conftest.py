@@ -1,8 +1,13 @@
 import os, tempfile, pytest
 
+_worker = os.environ.get('PYTEST_XDIST_WORKER')  # `make test` runs two pytest-xdist workers on the 2 cores
+if _worker:
+    import torch
+    torch.set_num_threads(1)  # one intra-op thread each: two workers do not fight over the cores
+
 @pytest.fixture(scope='session', autouse=True)
 def _quiet_fastai():
-    os.environ.setdefault('FASTCLS_HOME', os.path.join(tempfile.gettempdir(), 'fastcls-test-home'))
+    os.environ.setdefault('FASTCLS_HOME', os.path.join(tempfile.gettempdir(), f"fastcls-test-home-{_worker or 'main'}"))
 
 import json, subprocess, sys, textwrap
 
