@@ -132,7 +132,7 @@ def fresh_process_exports(rows, tmp):
     for r in rows:
         if r['family'] in res: r['export'] = res[r['family']]
 
-def sweep(fams=None, attns=('se', 'cbam'), archs=None, verbose=True):
+def sweep(fams=None, attns=('se', 'cbam'), archs=None, verbose=True, limit:int=150):
     "Rows for the families `fams` (default: every timm module); `archs` overrides the chosen model per family"
     allf = families()
     fams = fams or list(allf)
@@ -143,8 +143,8 @@ def sweep(fams=None, attns=('se', 'cbam'), archs=None, verbose=True):
         for f in fams:
             arch = (archs or {}).get(f) or smallest(allf[f])
             try:
-                with time_limit(150): r = check_family(f, arch, attns, tmp)
-            except _Timeout as e: r = dict(family=f, arch=arch, size=SIZE, build=_err(e), train='', export='', cam='', attn={}, kind='', seconds=150)
+                with time_limit(limit): r = check_family(f, arch, attns, tmp)
+            except _Timeout as e: r = dict(family=f, arch=arch, size=SIZE, build=_err(e), train='', export='', cam='', attn={}, kind='', seconds=limit)
             rows.append(r)
             if len(rows) % 20 == 0: fresh_process_exports(rows, tmp)  # in batches: partial runs keep their export results
             if verbose: print(f"{f:28s} {arch:34s} {r['seconds']:6.1f}s export={r['export'][:20]} build={r['build'][:60]} train={r['train'][:30]} cam={r['cam'][:40]} "
@@ -182,11 +182,12 @@ if __name__ == '__main__':
     p.add_argument('--families', default='', help='comma-separated timm modules (default: all)')
     p.add_argument('--attn', default='all', help="comma-separated attention names, or 'all'")
     p.add_argument('--json', default='', help='also write the rows to this file')
+    p.add_argument('--time-limit', type=int, default=150, help='seconds a family may take before it counts as failed (raise it on a shared machine)')
     a = p.parse_args()
     from fastcls.layers.attention import attentions
     attns = [n for n in attentions.names if n != 'ca'] if a.attn == 'all' else a.attn.split(',')
     torch.set_num_threads(1)  # on a shared 2-core machine two intra-op threads make convolutions ~100x slower
     t = time.time()
-    rows = sweep([f for f in a.families.split(',') if f], attns)
+    rows = sweep([f for f in a.families.split(",") if f], attns, limit=a.time_limit)
     print(); print(table(rows, attns)); print(); print(summary(rows, attns)); print(f'total {time.time()-t:.0f} s')
     if a.json: json.dump(rows, open(a.json, 'w'), indent=1)
