@@ -154,7 +154,7 @@ def ssl_learner(dls:DataLoaders, # unlabelled images (`ssl_dls`): batches of 1-t
     enc = SSLEncoder(body)
     nf = _feature_dim(enc, n_in, size)
     mets = [EmbStd(collapse_below)] + ([KNNAccuracy(knn_dls)] if knn_dls is not None else []) + list(metrics or [])
-    from ..learner import ClsLearner  # its `to_distributed` runs DDP on the CPU too (fastai's own needs CUDA)
+    from fastcls.learner import ClsLearner  # its `to_distributed` runs DDP on the CPU too (fastai's own needs CUDA)
     learn = ClsLearner(dls, cb.build(enc, nf), loss_func=cb.ssl_loss, cbs=[cb] + list(cbs or []), metrics=mets, **(learner_kwargs or {}))
     for m in mets:
         if isinstance(m, (KNNAccuracy, EmbStd)): m.learn = learn
