@@ -89,10 +89,12 @@ def _fine_tune(path, crash_at=None, sampler=False, reseed=0):
     learn, n = _learn(sampler), [0]
     if sampler: learn.dls.train.seed += reseed  # another process draws another seed
     learn.drawn = []
-    class Crash(Callback):
-        order = 100
+    class Record(Callback):
+        order = 100  # after the checkpoint's resume
         def before_train(self):
             if sampler: learn.drawn.append((self.dl.sampler_state(), type(self.dl).get_idxs(self.dl)))  # not the patched resume draw
+    learn.add_cb(Record())
+    class Crash(Callback):
         def after_batch(self):
             if self.training: n[0] += 1
             if n[0] == crash_at: raise KeyboardInterrupt
