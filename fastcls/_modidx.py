@@ -1103,6 +1103,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'fastcls.ssl.methods.MoCoV2.__init__': ('ssl.methods.html#mocov2.__init__', 'fastcls/ssl/methods.py'),
                                      'fastcls.ssl.methods.MoCoV2.after_loss': ( 'ssl.methods.html#mocov2.after_loss',
                                                                                 'fastcls/ssl/methods.py'),
+                                     'fastcls.ssl.methods.MoCoV2.before_fit': ( 'ssl.methods.html#mocov2.before_fit',
+                                                                                'fastcls/ssl/methods.py'),
                                      'fastcls.ssl.methods.MoCoV2.build': ('ssl.methods.html#mocov2.build', 'fastcls/ssl/methods.py'),
                                      'fastcls.ssl.methods.MoCoV2.ssl_loss': ('ssl.methods.html#mocov2.ssl_loss', 'fastcls/ssl/methods.py'),
                                      'fastcls.ssl.methods.SSLMethod': ('ssl.methods.html#sslmethod', 'fastcls/ssl/methods.py'),

@@ -200,3 +200,14 @@ def test_full_ddp_fit_of_ssl_learner(tmp_path):
     q = r0['mocov2']
     assert int(q['queue_ptr']) == (16 * r0['mocov2_run']['steps']) % 16  # every step enqueues both ranks' 2x8 keys
     assert float(r0['dino']['center'].abs().sum()) > 0  # the centre moved, from both ranks' teacher outputs
+
+def test_moco_queue_must_hold_whole_steps_of_every_rank(dls, monkeypatch):
+    "Under DDP a step enqueues the keys of all ranks: queue_len must be a multiple of bs × world size"
+    import torch.distributed as dist
+    learn = ssl_learner(dls, 'test_resnet', 'mocov2', queue_len=24, hidden=32, out_dim=16)  # 3 × bs 8: fine on one process
+    ok = ssl_learner(dls, 'test_resnet', 'mocov2', queue_len=16, hidden=32, out_dim=16)
+    learn.ssl_cb.before_fit()
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True); monkeypatch.setattr(dist, 'get_world_size', lambda: 2)
+    with pytest.raises(ValueError, match=r'queue_len=24 is not a multiple of the 16 keys a step adds \(bs 8 × 2 ranks\); valid: 16, 32, 48'):
+        learn.ssl_cb.before_fit()
+    ok.ssl_cb.before_fit()  # 16 = 2 ranks × bs 8

@@ -190,6 +190,12 @@ class MoCoV2(SSLMethod):
         self.views = _two_views(size)
     def build(self, encoder, nf): return MoCoModel(encoder, mlp([nf, self.hidden, self.out_dim], bn=False), self.queue_len, self.out_dim)
     def ssl_loss(self, pred, *yb): return info_nce(*pred, self.ssl_model.queue.clone(), self.temperature)
+    def before_fit(self):
+        ws = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        K,n = self.ssl_model.queue.shape[0],self.dls.train.bs*ws
+        if K % n:  # MoCo's ring buffer: every step writes the keys of all ranks at once
+            raise ValueError(f"mocov2: queue_len={K} is not a multiple of the {n} keys a step adds (bs {self.dls.train.bs} × {ws} ranks); "
+                             f"valid: {', '.join(str(n*i) for i in range(1, 4))}, ... (ssl_learner(..., queue_len=...))")
     def after_loss(self):
         if self.training: enqueue(self.ssl_model.queue, self.ssl_model.queue_ptr, gather(F.normalize(self.pred[1].float(), dim=1)))
 
