@@ -9,13 +9,13 @@ shared/reference/weights.md, inline below), inputs normalised with mean = std = 
 by 1/n_c (the best balanced accuracy of weights.md), `fine_tune(teacher_epochs, 2e-3, freeze_epochs=1)`; saved with `save_weights`
 in `--teacher-dir` and reused by later runs. Students (`mobilenetv3_small_100`, `resnet18`) train from scratch at `--size` px with
 plain CE, `fit_one_cycle(epochs, lr)`, fastai's `aug_transforms`; KDCallback converts their batches to the teacher's size and
-normalisation. Rows: alone | +KD (Hinton, T=4, α=0.9, cached logits) | +DIST (T=1, 0.5·CE + DIST, cached) | +AT (teacher run on each
+normalisation. Rows: alone | +KD (Hinton, T=4, α=0.9, cached logits) | +KD live (`kd_live`: T=2, α=0.5, the teacher run on each batch; not in the default rows) | +DIST (T=1, 0.5·CE + DIST, cached) | +AT (teacher run on each
 batch, the student's stride-16 stage (4x4) pooled to the teacher's stride-32 stage (3x3), 0.5·CE + 1000·AT) | +EMA (0.998, warm-up, validated on the EMA weights) | +CS-KD
 (pair sampler, λ=1, T=4) | +PS-KD (α_T=0.8) | +label smoothing 0.1 | +CutMix (α=1). Also: inference latency (batch 1 and 32, CPU),
 the median training step of a student alone / with cached teacher logits / with the teacher run on every batch / with EMA, the
 one-off cache pass, and EMA's own update time as a share of a student step. One JSON line per result is appended to `--out`.
 """
-import argparse, json, time, warnings, statistics
+import argparse, json, time, types, warnings, statistics
 from pathlib import Path
 import torch
 from fastai.vision.all import Callback, CancelFitException, set_seed, accuracy, CrossEntropyLossFlat, Normalize, aug_transforms
@@ -79,6 +79,7 @@ def run(a, arch, row, t):
     dls = student_dls(a)
     loss,cbs = None,[]
     if row == 'kd': cbs = [KDCallback(t, T=4., alpha=.9, cache=True)]
+    elif row == 'kd_live': cbs = [KDCallback(t, T=2., alpha=.5)]
     elif row == 'dist': cbs = [KDCallback(t, T=1., alpha=.5, loss={'dist': 2.}, cache=True)]
     elif row == 'ema': cbs = [EMA(decay=.998)]
     elif row == 'cskd': dls,cbs = pair_dls(dls, seed=a.seed),[CSKD(lam=1., T=4.)]
@@ -157,16 +158,19 @@ def micro(a):
         x,y,xt = torch.randn(a.bs, 3, a.size, a.size),torch.randint(0, 4, (a.bs,)),torch.randn(a.bs, 3, a.teacher_size, a.teacher_size)
         def step(): opt.zero_grad(); torch.nn.functional.cross_entropy(m(x), y).backward(); opt.step()
         st = med(step); eu = med(lambda: ema.update(m, step=100))
+        ours = EMA(.998); ours.learn = types.SimpleNamespace(model=m); ours.reset()
+        fu = med(ours.after_step)  # fastcls's EMA update (the same lerp, tensors collected once)
         with torch.inference_mode(): tf = med(lambda: teach(xt))
         print(json.dumps(dict(kind='micro', arch=arch, bs=a.bs, size=a.size, teacher_size=a.teacher_size, step_ms=round(1000*st, 1),
-                              ema_update_ms=round(1000*eu, 2), ema_pct_of_step=round(100*eu/st, 2), teacher_fwd_ms=round(1000*tf, 1),
+                              ema_update_ms=round(1000*eu, 2), ema_pct_of_step=round(100*eu/st, 2),
+                              fastcls_ema_update_ms=round(1000*fu, 2), fastcls_ema_pct_of_step=round(100*fu/st, 2), fastcls_vs_timm_ema=round(fu/eu, 2), teacher_fwd_ms=round(1000*tf, 1),
                               live_kd_step_ratio=round((st + tf)/st, 2),
                               **{f'student_bs{b}_ms': latency(m, a.size, b, n=10) for b in (1, 32)},
                               **{f'teacher_bs{b}_ms': latency(teach, a.teacher_size, b, n=10) for b in (1, 32)})), flush=True)
 
 def table(files):
     rows = [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
-    names = dict(alone='student alone', kd='+ KD (T=4, α=0.9, cached)', dist='+ DIST (cached)', at='+ AT', ema='+ EMA (0.998)',
+    names = dict(alone='student alone', kd='+ KD (T=4, α=0.9, cached)', kd_live='+ KD (T=2, α=0.5, teacher on each batch)', dist='+ DIST (cached)', at='+ AT', ema='+ EMA (0.998)',
                  cskd='+ CS-KD', pskd='+ PS-KD', ls='+ label smoothing 0.1', cutmix='+ CutMix')
     for r in rows:
         if r['kind'] == 'teacher': print(f"teacher tf_efficientnet_lite0 (ImageNet, {r.get('size')} px): top-1 {r['top1']}, balanced {r['balanced']}, {r['wall']} s\n")

@@ -147,6 +147,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'fastcls/callback/distill.py')},
             'fastcls.callback.ema': { 'fastcls.callback.ema.EMA': ('callback.ema.html#ema', 'fastcls/callback/ema.py'),
                                       'fastcls.callback.ema.EMA.__init__': ('callback.ema.html#ema.__init__', 'fastcls/callback/ema.py'),
+                                      'fastcls.callback.ema.EMA._tensor_pairs': ( 'callback.ema.html#ema._tensor_pairs',
+                                                                                  'fastcls/callback/ema.py'),
                                       'fastcls.callback.ema.EMA.after_cancel_fit': ( 'callback.ema.html#ema.after_cancel_fit',
                                                                                      'fastcls/callback/ema.py'),
                                       'fastcls.callback.ema.EMA.after_cancel_validate': ( 'callback.ema.html#ema.after_cancel_validate',
