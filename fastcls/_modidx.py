@@ -742,6 +742,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastcls.learner._data_size': ('learner.html#_data_size', 'fastcls/learner.py'),
                                  'fastcls.learner._fit_input_size': ('learner.html#_fit_input_size', 'fastcls/learner.py'),
                                  'fastcls.learner._lr_mult': ('learner.html#_lr_mult', 'fastcls/learner.py'),
+                                 'fastcls.learner._patch_multiple': ('learner.html#_patch_multiple', 'fastcls/learner.py'),
                                  'fastcls.learner.cls_learner': ('learner.html#cls_learner', 'fastcls/learner.py'),
                                  'fastcls.learner.module_opt_state': ('learner.html#module_opt_state', 'fastcls/learner.py')},
             'fastcls.losses.longtail': { 'fastcls.losses.longtail.BalancedSoftmaxLoss': ( 'losses.longtail.html#balancedsoftmaxloss',

@@ -59,6 +59,14 @@ def _data_size(dls):
     "(H, W) of the images `dls` gives"
     return tuple(dls.one_batch()[0].shape[-2:])
 
+def _patch_multiple(model, size):
+    "The multiple of `model`'s patch size nearest `size` (H, W); None if it has no patch embedding or `size` is a multiple already"
+    p = next((m.patch_size for m in model.modules() if isinstance(getattr(m, 'patch_size', None), (int, tuple, list))), None)
+    if p is None: return None
+    p = (p, p) if isinstance(p, int) else tuple(p)[:2]
+    if all(s % q == 0 for s,q in zip(size, p)): return None
+    return tuple(max(q, round(s/q)*q) for s,q in zip(size, p))
+
 def _fit_input_size(model, dls, arch, model_kwargs, build):
     "`model` (rebuilt by timm with `img_size`, if it can be) for the data's image size when it was built for another one"
     need = getattr(model[0], 'fixed_size', None)
@@ -73,7 +81,10 @@ def _fit_input_size(model, dls, arch, model_kwargs, build):
         raise ValueError(f"{name!r} only runs on {need[0]}x{need[1]} images and timm cannot build it for another size; the data is {size[0]}x{size[1]}: {fix}")
     mk = {**(model_kwargs or {}), 'img_size': size}
     try: return build(mk), mk
-    except ValueError as e: raise ValueError(f"{name!r} cannot be built for the data's {size[0]}x{size[1]} images ({e}): {fix}") from e
+    except ValueError as e:
+        alt = _patch_multiple(model[0].model, size)
+        if alt: fix = f"resize the data to {alt[0]}x{alt[1]}, a multiple of its patch size (e.g. `item_tfms=Resize({alt[0]})`), or {fix[len('resize the data to '):]}"
+        raise ValueError(f"{name!r} cannot be built for the data's {size[0]}x{size[1]} images ({e}): {fix}") from e
 
 _learner_args = set(inspect.signature(Learner.__init__).parameters) - {'self', 'dls', 'model'}
 

@@ -83,3 +83,12 @@ def test_vit_trains_with_timm_pooling(dls):
 
 def test_fixed_size_model_names_the_size_it_needs(dls):
     with pytest.raises(ValueError, match='resize the data to 224x224'): cls_learner(dls, 'efficientformer_l1', pretrained=False)
+
+def test_patch_size_model_names_the_nearest_multiple():
+    "A model whose patch embedding needs a multiple of its patch size (DeepSeek's ViT, 14 px patches) names the nearest one, which then trains"
+    small = dict(depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match=r'resize the data to 70x70, a multiple of its patch size .*or 546x546'):
+        cls_learner(synth_dls(n=8, size=64, n_classes=2, bs=4), 'deepseek_vit_412m', pretrained=False, model_kwargs=small)
+    learn = cls_learner(synth_dls(n=8, size=70, n_classes=2, bs=4), 'deepseek_vit_412m', pretrained=False, model_kwargs=small)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert learn.model_config.model_kwargs['img_size'] == (70, 70) and learn.recorder.values[-1][0] == learn.recorder.values[-1][0]
