@@ -19,6 +19,7 @@ from fastcore.foundation import L
 from timm.layers import SelectAdaptivePool2d
 from .core import Registry
 from .models import TimmFeatures
+from .layers.attention import feature_owner
 
 # %% auto #0
 __all__ = ['cam_methods', 'gradcam_map', 'gradcampp_map', 'layercam_map', 'cam_map', 'find_cam_layer', 'cam_maps',
@@ -77,8 +78,8 @@ class _ModelState:
 
 # %% ../nbs/40_interpret.ipynb #bc17fce5
 def _timm_model(model):
-    "The first timm model (a module with `feature_info` and `forward_features`) inside `model`"
-    return next((m for m in model.modules() if hasattr(m, 'feature_info') and hasattr(m, 'forward_features')), None)
+    "The first timm model (a module with `feature_info` and `forward_features`, whose own submodules `feature_info` names) inside `model`"
+    return next((m for m in model.modules() if hasattr(m, 'feature_info') and hasattr(m, 'forward_features') and feature_owner(m) is m), None)
 
 def _module_name(model, module):
     return next((n for n,m in model.named_modules() if m is module), None)

@@ -111,3 +111,15 @@ def test_stages_at_feature_info_boundaries(x):
 def test_stages_needs_feature_info():
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
     with pytest.raises(ValueError, match="needs the model's `feature_info`"): add_attention(m, 'se', 'stages')
+
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_nonlocal_keeps_the_memory_format(fmt):
+    "timm's non-local block returns channels-last strides for NCHW input: the inserted module gives its input's format back, so the net is bit-identical"
+    m = pretrained_like(timm.create_model('resnet18', pretrained=False, num_classes=0)).eval().to(memory_format=fmt)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    with torch.no_grad(): before = m(x)
+    add_attention(m, 'nl')
+    seen = []
+    for a in attention_modules(m).values(): a.register_forward_hook(lambda mod, i, o: seen.append(o.stride() == i[0].stride()))
+    with torch.no_grad(): after = m(x)
+    assert len(seen) == 2 and all(seen) and torch.equal(after, before)

@@ -214,3 +214,17 @@ def test_cam_on_class_token_models(arch, layer, varies):
     assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all()
     if varies:  # the gradient reaches the layer: a real map, not a constant (without the ReLU, which may zero a random net's map)
         assert (learn.cam(xb[:2], relu=False).flatten(1).std(1) > 0.05).all()
+
+def test_encoder_wrapping_classifier_gets_cam_and_refuses_attention():
+    "Gemma 4's classifier keeps its encoder's `feature_info` (names of the encoder's blocks): CAM finds the encoder's last block, attention is refused by name"
+    from fastcls.layers.attention import add_attention, feature_owner
+    torch.manual_seed(0)
+    dls = synth_dls(n=8, size=64, bs=4)
+    small = dict(depth=2, embed_dim=64, num_heads=2, head_dim=32, intermediate_size=128)
+    learn = cls_learner(dls, 'gemma4_vit_167m', pretrained=False, model_kwargs=small)
+    tm = learn.model[0].model
+    assert feature_owner(tm) is tm.encoder and find_cam_layer(learn.model)[0] == '0.model.encoder.blocks.1.norm1'
+    xb, _ = dls.one_batch()
+    maps = learn.cam(xb[:2], relu=False)
+    assert maps.shape == (2, 64, 64) and (maps.flatten(1).std(1) > 0.05).all()
+    with pytest.raises(ValueError, match='Gemma4VitClassifier is a transformer with token'): add_attention(tm, 'se')

@@ -19,8 +19,8 @@ from timm.layers.non_local_attn import NonLocalAttn
 from ..core import Registry
 
 # %% auto #0
-__all__ = ['attentions', 'supported_families', 'GateBlend', 'AttnBlend', 'blend_params', 'add_attention', 'attention_modules',
-           'attention_params', 'attention_summary']
+__all__ = ['attentions', 'supported_families', 'GateBlend', 'AttnBlend', 'blend_params', 'feature_owner', 'add_attention',
+           'attention_modules', 'attention_params', 'attention_summary']
 
 # %% ../../nbs/01_layers.attention.ipynb #7bfa5769
 attentions = Registry('attention')
@@ -73,8 +73,14 @@ class AttnBlend(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(())) if blend and not in_gates else None
 
     def forward(self, x):
-        a = self.attn(x)
+        a = _in_format_of(self.attn(x), x)
         return a if self.gamma is None else torch.lerp(x, a.to(x.dtype), self.gamma.to(x.dtype))
+
+def _in_format_of(a, x):
+    "`a` in `x`'s memory format (timm's non-local block gives NCHW input back with channels-last strides: later convolutions differ in the last bits)"
+    if a.dim() != 4 or a.shape != x.shape or a.stride() == x.stride(): return a
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return a.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 # %% ../../nbs/01_layers.attention.ipynb #a19bcf17
 def blend_params(model:nn.Module):
@@ -172,9 +178,20 @@ def _make(factory, c, attn):
     try: return factory(c)
     except Exception as e: raise ValueError(f"attention {attn!r} cannot be built for {c} channels: {e}") from e
 
+def feature_owner(model:nn.Module) -> nn.Module:
+    "The module whose submodules `model.feature_info` names: `model`, or the encoder it wraps (Gemma 4's classifier keeps its encoder's)"
+    fi = getattr(model, 'feature_info', None)
+    name = fi[-1].get('module') if isinstance(fi, (list, tuple)) and fi and isinstance(fi[-1], dict) else None
+    if not name: return model
+    for m in model.modules():
+        try: m.get_submodule(name); return m
+        except AttributeError: pass
+    return model
+
 def _is_token_model(model):
-    "A ViT-style model: patch embedding and transformer blocks, features as tokens or NHWC"
-    return getattr(model, 'num_prefix_tokens', None) is not None or getattr(model, 'output_fmt', 'NCHW') == 'NHWC'
+    "A ViT-style model: patch embedding and transformer blocks, features as tokens (NLC) or NHWC; or a wrapper of one"
+    return any(getattr(m, 'num_prefix_tokens', None) is not None or getattr(m, 'output_fmt', 'NCHW') in ('NHWC', 'NLC')
+               for m in {model, feature_owner(model)})
 
 # %% ../../nbs/01_layers.attention.ipynb #4485cb24
 class _Probe(nn.Module):
