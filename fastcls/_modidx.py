@@ -527,6 +527,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'fastcls.interpret._check_targets': ('interpret.html#_check_targets', 'fastcls/interpret.py'),
                                    'fastcls.interpret._class_idxs': ('interpret.html#_class_idxs', 'fastcls/interpret.py'),
                                    'fastcls.interpret._class_token_layer': ('interpret.html#_class_token_layer', 'fastcls/interpret.py'),
+                                   'fastcls.interpret._feature_layer': ('interpret.html#_feature_layer', 'fastcls/interpret.py'),
                                    'fastcls.interpret._first_n': ('interpret.html#_first_n', 'fastcls/interpret.py'),
                                    'fastcls.interpret._gap_linear': ('interpret.html#_gap_linear', 'fastcls/interpret.py'),
                                    'fastcls.interpret._grid': ('interpret.html#_grid', 'fastcls/interpret.py'),

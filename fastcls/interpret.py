@@ -109,6 +109,15 @@ def _vit_layer(tm):
     n1 = [n for n,_ in tm.blocks[-1].named_modules() if n.split('.')[-1] == 'norm1']
     return f'blocks.{len(tm.blocks)-1}' + (f'.{n1[-1]}' if n1 else '')
 
+def _feature_layer(tm):
+    "The last `feature_info` module; where timm names one that does not exist (MViTv2's 'block.3' for 'stages.3'), the last block's `norm1`"
+    name = tm.feature_info[-1]['module']
+    try: tm.get_submodule(name); return name
+    except AttributeError: pass
+    n1 = [n for n,_ in tm.named_modules() if n.split('.')[-1] == 'norm1']
+    if not n1: raise ValueError(f"{type(tm).__name__}'s feature_info names {name!r}, which is not one of its modules: pass `layer=` (see `find_cam_layer`)")
+    return n1[-1]
+
 def _class_token_layer(tm):
     "Models whose head reads only class tokens (PiT, CoaT): the input of the last block that mixes them with the patch tokens"
     if hasattr(tm, 'transformers') and hasattr(tm, 'num_tokens'):  # PiT: the last stage's patch tokens feed only its attention
@@ -136,7 +145,7 @@ def find_cam_layer(model:nn.Module, # the model
             raise ValueError(f"Cannot choose a CAM target layer: no timm model (with `feature_info`) in {type(model).__name__}. "
                              f"Pass `layer=` one of the last layers with spatial output: {', '.join(cands)}")
         if _is_vit(tm): layer = _vit_layer(tm)
-        else: layer = _class_token_layer(tm) or tm.feature_info[-1]['module']
+        else: layer = _class_token_layer(tm) or _feature_layer(tm)
         return prefix+layer, tm.get_submodule(layer)
     if not isinstance(layer, str): raise TypeError(f"layer must be a module name or a module, got {type(layer).__name__}")
     for nm in (layer, prefix+layer):

@@ -123,3 +123,14 @@ def test_nonlocal_keeps_the_memory_format(fmt):
     for a in attention_modules(m).values(): a.register_forward_hook(lambda mod, i, o: seen.append(o.stride() == i[0].stride()))
     with torch.no_grad(): after = m(x)
     assert len(seen) == 2 and all(seen) and torch.equal(after, before)
+
+@pytest.mark.parametrize('arch', ['resnetv2_18', 'resnetv2_50'])
+def test_resnetv2_blocks_take_attention(arch):
+    "timm's pre-activation ResNet (resnetv2: PreActBasic, PreActBottleneck) gets attention in every block, identity at insertion"
+    m = pretrained_like(timm.create_model(arch, pretrained=False, num_classes=0)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): before = m(x)
+    add_attention(m, 'se')
+    names = list(attention_modules(m))
+    assert len(names) == sum(len(s.blocks) for s in m.stages) and all('.blocks.' in n for n in names)
+    with torch.no_grad(): assert (m(x) - before).abs().max() < 1e-5

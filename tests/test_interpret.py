@@ -228,3 +228,13 @@ def test_encoder_wrapping_classifier_gets_cam_and_refuses_attention():
     maps = learn.cam(xb[:2], relu=False)
     assert maps.shape == (2, 64, 64) and (maps.flatten(1).std(1) > 0.05).all()
     with pytest.raises(ValueError, match='Gemma4VitClassifier is a transformer with token'): add_attention(tm, 'se')
+
+def test_cam_where_feature_info_names_a_missing_module():
+    "MViTv2's feature_info says 'block.3' (its modules are 'stages.3'): CAM falls back to the last block's norm1 tokens"
+    torch.manual_seed(0)
+    dls = synth_dls(n=8, size=64, bs=4)
+    learn = cls_learner(dls, 'mvitv2_tiny', pretrained=False)
+    assert learn.model[0].model.feature_info[-1]['module'] == 'block.3' and find_cam_layer(learn.model)[0] == '0.model.stages.3.blocks.1.norm1'
+    xb, _ = dls.one_batch()
+    maps = learn.cam(xb[:2], relu=False)
+    assert maps.shape == (2, 64, 64) and (maps.flatten(1).std(1) > 0.05).all()

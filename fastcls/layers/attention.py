@@ -102,7 +102,7 @@ _site_spec = {  # (attribute, 'after' the module there or 'before' it): block cl
                      'res2net:Bottle2neck tresnet:BasicBlock tresnet:Bottleneck _efficientnet_blocks:InvertedResidual '
                      '_efficientnet_blocks:DepthwiseSeparableConv _efficientnet_blocks:EdgeResidual '
                      'ghostnet:GhostBottleneck ghostnet:GhostBottleneckV3 rexnet:LinearBottleneck repvit:RepViTBlock',
-    ('drop_path', 'before'): 'regnet:Bottleneck convnext:ConvNeXtBlock',
+    ('drop_path', 'before'): 'regnet:Bottleneck convnext:ConvNeXtBlock resnetv2:PreActBasic resnetv2:PreActBottleneck resnetv2:Bottleneck',
     ('bn3', 'after'): 'resnest:ResNestBottleneck dla:DlaBottleneck dla:DlaBottle2neck',
     ('bn2', 'after'): 'dla:DlaBasic',
     ('attn_last', 'after'): 'byobnet:BasicBlock byobnet:BottleneckBlock byobnet:DarkBlock byobnet:EdgeBlock nfnet:NormFreeBlock',
@@ -130,8 +130,12 @@ def _stage_of(model, fi):
 
 def _plain_sites(model):
     "(name, parent, attribute, mode) after each conv block of plain conv nets (VGG): the module before every max-pool"
-    return [(f'{n}.{i-1}' if n else str(i-1), s, str(i-1), 'after') for n,s in model.named_modules() if isinstance(s, nn.Sequential)
-            and any(isinstance(c, nn.Conv2d) for c in s) for i,c in enumerate(s) if i and isinstance(c, nn.MaxPool2d)]
+    res = []
+    for n,s in model.named_modules():
+        kids = list(s.named_children()) if isinstance(s, nn.Sequential) else []
+        if not any(isinstance(c, nn.Conv2d) for _,c in kids): continue
+        res += [(f'{n}.{a}' if n else a, s, a, 'after') for (a,_),(_,c) in zip(kids, kids[1:]) if isinstance(c, nn.MaxPool2d)]  # named children (a stem's 'conv', 'pool')
+    return res
 
 def _blocks(model):
     "Places for attention in `model`'s supported blocks as (name, block, attribute, mode, stage index, stage reduction)"
