@@ -113,7 +113,7 @@ _site_spec = {  # (attribute, 'after' the module there or 'before' it): block cl
     ('conv2', 'after'): 'densenet:DenseLayer',
 }
 _sites = {c: site for site,spec in _site_spec.items() for c in _classes(spec)}
-supported_families = ('ResNet/ResNeXt/ResNet-D/SE-ResNet, HRNet, SK-ResNet, Res2Net, ResNeSt, TResNet, DLA, RegNet, ConvNeXt, '
+supported_families = ('ResNet/ResNeXt/ResNet-D/SE-ResNet, ResNetV2 (pre-activation, BiT), HRNet, SK-ResNet, Res2Net, ResNeSt, TResNet, DLA, RegNet, ConvNeXt, '
                       'MobileNet/EfficientNet/MixNet, GhostNet, RexNet, RepViT, byobnet (RepVGG, MobileOne, GERNet, ResNet-ts, MobileViT conv blocks), '
                       'CSPNet, VoVNet, NF-Net, Xception, DenseNet, VGG (after each conv block); '
                       "any CNN with `feature_info` at its stage boundaries (attn_where='stages')")
