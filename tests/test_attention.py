@@ -134,3 +134,13 @@ def test_resnetv2_blocks_take_attention(arch):
     names = list(attention_modules(m))
     assert len(names) == sum(len(s.blocks) for s in m.stages) and all('.blocks.' in n for n in names)
     with torch.no_grad(): assert (m(x) - before).abs().max() < 1e-5
+
+def test_space_to_depth_stem_and_missing_stage_names():
+    "TResNet's first convolution takes 48 channels (after space-to-depth): its blocks still take attention; Twins' feature_info names modules it lacks: a clear refusal"
+    m = pretrained_like(timm.create_model('tresnet_m', pretrained=False, num_classes=0)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(): before = m(x)
+    add_attention(m, 'cbam')
+    with torch.no_grad(): assert len(attention_modules(m)) == sum(len(l) for l in (m.body.layer1, m.body.layer2, m.body.layer3, m.body.layer4)) and (m(x) - before).abs().max() < 1e-5
+    tw = timm.create_model('twins_svt_small', pretrained=False, num_classes=0)
+    with pytest.raises(ValueError, match=r"attn_where='stages': Twins's feature_info names \['block.0', 'block.1', 'block.2', 'block.3'\]"): add_attention(tw, 'se', 'stages')

@@ -145,10 +145,15 @@ def _blocks(model):
 
 def _stages(model):
     "Places at every stage boundary of `model.feature_info` (BAM's placement), in the same format as `_blocks`"
-    res = []
+    res,bad = [],[]
     for i,f in enumerate(model.feature_info):
+        try: m = model.get_submodule(f['module']) if f['module'] else None
+        except AttributeError: m = None
+        if m is None or isinstance(m, (nn.ModuleList, nn.ModuleDict)): bad.append(f['module']); continue  # not a module run as one
         p,a = _get_parent(model, f['module'])
         res.append((f['module'], p, a, 'after', i, f['reduction']))
+    if bad: raise ValueError(f"attn_where='stages': {type(model).__name__}'s feature_info names {bad}, which are not modules whose output is a stage's "
+                             f"(missing, the whole model, or a container its forward loops over). Supported families: {supported_families}")
     return res
 
 # %% ../../nbs/01_layers.attention.ipynb #cf9dc102
@@ -207,11 +212,19 @@ class _Probe(nn.Module):
         if isinstance(t, torch.Tensor) and t.ndim == 4: self.c = t.shape[1]
         return y
 
-def _n_in(model): return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+def _n_ins(model):
+    "Input channels to try: the model's `in_chans`, its first convolution's (not the input's after a space-to-depth stem: TResNet's 48), timm's config"
+    first = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    cfg = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3,))[0]
+    return [n for n in dict.fromkeys((getattr(model, 'in_chans', None), first, cfg)) if n]
 
 def _run(model, size):
-    x = torch.randn(1, _n_in(model), size, size)
-    with torch.no_grad(): (model.forward_features if hasattr(model, 'forward_features') else model)(x)
+    err = None
+    for n in _n_ins(model):
+        try:
+            with torch.no_grad(): return (model.forward_features if hasattr(model, 'forward_features') else model)(torch.randn(1, n, size, size))
+        except Exception as e: err = e
+    raise err
 
 def _probe(model, places, whole=False):
     "Channels seen at each place (None where not reached); `whole`: the output channels of the block at the place's name"
