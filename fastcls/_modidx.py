@@ -581,6 +581,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'fastcls/layers/attention.py'),
                                           'fastcls.layers.attention._get_parent': ( 'layers.attention.html#_get_parent',
                                                                                     'fastcls/layers/attention.py'),
+                                          'fastcls.layers.attention._has_stages': ( 'layers.attention.html#_has_stages',
+                                                                                    'fastcls/layers/attention.py'),
                                           'fastcls.layers.attention._in_format_of': ( 'layers.attention.html#_in_format_of',
                                                                                       'fastcls/layers/attention.py'),
                                           'fastcls.layers.attention._is_token_model': ( 'layers.attention.html#_is_token_model',

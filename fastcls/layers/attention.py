@@ -157,6 +157,10 @@ def _stages(model):
     return res
 
 # %% ../../nbs/01_layers.attention.ipynb #cf9dc102
+def _has_stages(model):
+    try: return bool(_stages(model))
+    except ValueError: return False
+
 def _pick(blocks, where, between, n_stages):
     "Places selected by `where`: 'all', 'stages', 'last', or stage indices into the model's `feature_info`"
     if where in ('all', 'stages'):
@@ -271,7 +275,7 @@ def add_attention(model:nn.Module, # a timm CNN, pretrained weights already load
     else:
         places = _blocks(model)
         if not places:
-            hint = " or attn_where='stages' (this model has `feature_info`)" if getattr(model, 'feature_info', None) else ''
+            hint = " or attn_where='stages' (this model has `feature_info`)" if getattr(model, 'feature_info', None) and _has_stages(model) else ''
             raise ValueError(f"{name} has no block fastcls can add attention to{hint}. Supported families: {supported_families}")
     sel = _pick(places, where, between, len(getattr(model, 'feature_info', [])))
     if between and where != 'stages': sel = _every_other(sel)
