@@ -88,7 +88,7 @@ def _is_vit(tm): return hasattr(tm, 'blocks') and _prefix_tokens(tm) is not None
 
 def _prefix_tokens(tm):
     "Class/register/distillation tokens before the patch tokens at the CAM layer (CrossViT: one per branch; CaiT: none, its class token joins after `blocks`)"
-    if hasattr(tm, 'blocks_token_only'): return 0  # CaiT
+    if hasattr(tm, 'blocks_token_only') or hasattr(tm, 'cls_attn_blocks'): return 0  # CaiT, XCiT: the class token joins after `blocks`
     if hasattr(tm, 'cls_token1'): return 1  # CoaT: one class token per scale
     if hasattr(tm, 'transformers') and hasattr(tm, 'num_tokens'): return tm.num_tokens  # PiT (2 when distilled)
     return 1 if hasattr(tm, 'num_branches') and getattr(tm, 'num_prefix_tokens', None) is None else getattr(tm, 'num_prefix_tokens', None)

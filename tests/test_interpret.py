@@ -202,7 +202,8 @@ def test_plots(tmp_path):
 @pytest.mark.parametrize('arch,layer,varies', [
     ('pit_ti_224', 'transformers.2.blocks.3.norm1', True),   # the head reads the class token: the last stage's block input
     ('coat_tiny', 'parallel_blocks.5.norm14', True),       # the parallel blocks run from a ModuleList: its last block's input
-    ('cait_xxs24_224', 'blocks.23.norm1', False)])         # no class token in `blocks` (it joins later); LayerScale 1e-5 at init
+    ('cait_xxs24_224', 'blocks.23.norm1', False),          # no class token in `blocks` (it joins later); LayerScale 1e-5 at init
+    ('xcit_nano_12_p8_224', 'blocks.11.norm1', True)])     # XCiT: the class token joins in `cls_attn_blocks`
 def test_cam_on_class_token_models(arch, layer, varies):
     "Models whose head reads only class tokens get a CAM layer that the class token sees, and maps of the input size"
     torch.manual_seed(0)
