@@ -6,6 +6,7 @@ moves; `learn.cam` gives maps of the input size. Prints a markdown table and a s
 
     flock /tmp/fastcls-cpu.lock python benchmarks/sweep_timm.py                  # every family, every attention
     python benchmarks/sweep_timm.py --families resnet,vgg,vision_transformer --attn se,cbam
+    python benchmarks/sweep_timm.py --tables sweep0.json sweep1.json ...         # one table from the --json files of several runs
 """
 import argparse, collections, contextlib, json, os, signal, subprocess, sys, tempfile, time, warnings
 import torch, timm
@@ -169,7 +170,9 @@ def summary(rows, attns):
     return (f"{n} timm families: {sum(_ok(r['build']) for r in rows)} build, {sum(_ok(r['train']) for r in rows)} train one batch, "
             f"{sum(_ok(r['export']) for r in rows)} export round trip, {sum(_ok(r['cam']) for r in rows)} cam; "
             f"{len(every)} of {len(cnn)} CNN families take every attention tried ({', '.join(attns)}) with identity at insertion "
-            f"({len(blocks)} at block level, the rest at stage boundaries); {len(fails)} attention checks fail")
+            f"({len(blocks)} at block level, the rest at stage boundaries); {len(fails)} attention checks fail"
+            + ''.join(f"\n- {r['family']} ({r['arch']}): " + '; '.join(sorted({f'{a}: {v[:140]}' if v.startswith('FAIL') else v[:140] for a,v in r['attn'].items()
+                      if v.startswith(('FAIL', 'refused'))})) for r in cnn if r not in every))
 
 def table(rows, attns):
     cols = ['family', 'arch', 'size', 'kind', 'build', 'train', 'export', 'cam', *attns]
@@ -186,10 +189,15 @@ if __name__ == '__main__':
     p.add_argument('--families', default='', help='comma-separated timm modules (default: all)')
     p.add_argument('--attn', default='all', help="comma-separated attention names, or 'all'")
     p.add_argument('--json', default='', help='also write the rows to this file')
+    p.add_argument('--tables', nargs='+', help='print the table and summary of these --json files (chunks of one sweep) and exit')
     p.add_argument('--time-limit', type=int, default=150, help='seconds a family may take before it counts as failed (raise it on a shared machine)')
     a = p.parse_args()
     from fastcls.layers.attention import attentions
     attns = [n for n in attentions.names if n != 'ca'] if a.attn == 'all' else a.attn.split(',')
+    if a.tables:
+        rows = [r for f in a.tables for r in json.load(open(f))]
+        attns = list(dict.fromkeys(k for r in rows for k in r['attn'])) or attns
+        print(table(rows, attns)); print(); print(summary(rows, attns)); sys.exit()
     torch.set_num_threads(1)  # on a shared 2-core machine two intra-op threads make convolutions ~100x slower
     t = time.time()
     rows = sweep([f for f in a.families.split(",") if f], attns, limit=a.time_limit)
