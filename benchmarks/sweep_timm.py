@@ -174,6 +174,21 @@ def summary(rows, attns):
             + ''.join(f"\n- {r['family']} ({r['arch']}): " + '; '.join(sorted({f'{a}: {v[:140]}' if v.startswith('FAIL') else v[:140] for a,v in r['attn'].items()
                       if v.startswith(('FAIL', 'refused'))})) for r in cnn if r not in every))
 
+def _attn_cell(r, attns):
+    "The attention results of a row in one cell: each distinct result with the attentions that gave it"
+    by = collections.defaultdict(list)
+    for a in attns:
+        v = r['attn'].get(a, '')
+        by[v.split(':')[0] + (' (transformer)' if 'transformer' in v else '') if v.startswith('refused') else v].append(a)
+    return '; '.join(f"{v}: {', '.join(a) if len(a) < len(attns) else 'all'}" for v,a in by.items())
+
+def compact_table(rows, attns):
+    lines = ['| family | model | px | kind | build | train | export | cam | attention (' + ', '.join(attns) + ') |', '|' + '---|' * 9]
+    for r in rows:
+        vals = [r['family'], r['arch'], str(r['size']), r['kind'], r['build'], r['train'], r['export'], r['cam'], _attn_cell(r, attns)]
+        lines.append('| ' + ' | '.join(v.replace('|', '/') for v in vals) + ' |')
+    return '\n'.join(lines)
+
 def table(rows, attns):
     cols = ['family', 'arch', 'size', 'kind', 'build', 'train', 'export', 'cam', *attns]
     lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
@@ -189,6 +204,7 @@ if __name__ == '__main__':
     p.add_argument('--families', default='', help='comma-separated timm modules (default: all)')
     p.add_argument('--attn', default='all', help="comma-separated attention names, or 'all'")
     p.add_argument('--json', default='', help='also write the rows to this file')
+    p.add_argument('--compact', action='store_true', help='with --tables: the attention results in one column')
     p.add_argument('--tables', nargs='+', help='print the table and summary of these --json files (chunks of one sweep) and exit')
     p.add_argument('--time-limit', type=int, default=150, help='seconds a family may take before it counts as failed (raise it on a shared machine)')
     a = p.parse_args()
@@ -197,7 +213,7 @@ if __name__ == '__main__':
     if a.tables:
         rows = [r for f in a.tables for r in json.load(open(f))]
         attns = list(dict.fromkeys(k for r in rows for k in r['attn'])) or attns
-        print(table(rows, attns)); print(); print(summary(rows, attns)); sys.exit()
+        print((compact_table if a.compact else table)(rows, attns)); print(); print(summary(rows, attns)); sys.exit()
     torch.set_num_threads(1)  # on a shared 2-core machine two intra-op threads make convolutions ~100x slower
     t = time.time()
     rows = sweep([f for f in a.families.split(",") if f], attns, limit=a.time_limit)
