@@ -162,3 +162,14 @@ def test_resume(trained, folder, tmp_path):
     assert r.returncode == 2 and 'written by a fit of 1 epochs' in r.stderr
     r = fastcls('train', '--data', folder, '--out', tmp_path/'fresh', *TINY, '--resume')
     assert r.returncode == 2 and 'no checkpoint' in r.stderr and 'Traceback' not in r.stderr
+
+def test_relative_data_paths(folder, tmp_path, monkeypatch):
+    "--data as a path relative to the working directory (folder or CSV with relative paths): the DataLoaders find the images"
+    shutil.copytree(folder, tmp_path/'imgs')
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({'path': [f'{l}/{f.name}' for l in ('c0', 'c1') for f in sorted((tmp_path/'imgs'/l).glob('*.png'))],
+                  'label': [l for l in ('c0', 'c1') for _ in sorted((tmp_path/'imgs'/l).glob('*.png'))]}).to_csv('imgs/labels.csv', index=False)
+    for data in ('imgs', 'imgs/labels.csv'):
+        df,_ = data_df(data, valid_pct=0.25)
+        xb,yb = make_dls(df, size=32, bs=4).one_batch()
+        assert xb.shape == (4, 3, 32, 32) and all(Path(f).is_absolute() for f in df.fname)

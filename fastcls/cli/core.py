@@ -104,8 +104,8 @@ def data_df(data:str='elpv', valid_pct:float=0.2, seed:int=42, skip_bad:bool=Fal
     "(fname,label,is_valid DataFrame, default augmentation) of a built-in dataset name, a folder or a CSV file"
     if data in datasets: return datasets[data](seed, valid_pct), datasets.meta(data)['aug']
     p = Path(data)
-    if p.is_dir(): df = folder_df(p, valid_pct, seed)
-    elif p.is_file() and p.suffix.lower() == '.csv': df = csv_df(p, valid_pct, seed)
+    if p.is_dir(): df = folder_df(p.resolve(), valid_pct, seed)  # absolute file names: the DataLoaders read them from '/'
+    elif p.is_file() and p.suffix.lower() == '.csv': df = csv_df(p.resolve(), valid_pct, seed)
     elif p.exists(): raise UsageError(f"--data {data} is a file but not a .csv; give a folder, a CSV or one of: {', '.join(datasets.names)}")
     else: raise UsageError(f"--data {data}: folder or CSV file does not exist (built-in datasets: {', '.join(datasets.names)})")
     df = _checked(df, skip_bad)
