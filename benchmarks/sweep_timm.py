@@ -68,7 +68,7 @@ def attention_check(arch, name, size, model_kwargs):
         if diff >= 1e-5: return f'FAIL diff {diff:.1e}'
         if name != 'nl' and moved <= 1e-6: return 'FAIL no effect'
         return f"{'blocks' if where == 'all' else 'stages'} ({n})"
-    return 'refused: ' + refusals[0][:100]
+    return 'refused: ' + refusals[-1][:100]  # the stage placement's reason when the model has no supported block
 
 def check_family(fam, arch, attns, tmp):
     "One row of the table; the export's file, input and outputs for the fresh-process check"

@@ -110,8 +110,10 @@ def _vit_layer(tm):
     return f'blocks.{len(tm.blocks)-1}' + (f'.{n1[-1]}' if n1 else '')
 
 def _feature_layer(tm):
-    "The last `feature_info` module; where timm names one that does not exist (MViTv2's 'block.3' for 'stages.3'), the last block's `norm1`"
+    "The last `feature_info` module (EfficientViM: its final norm); where timm names one that does not exist (MViTv2's 'block.3' for 'stages.3'), the last block's `norm1`"
     name = tm.feature_info[-1]['module']
+    norms = getattr(tm, 'norm', None)  # EfficientViM: its head pools `norm[-1]` of the final map, not the stages' tuples
+    if isinstance(norms, nn.ModuleList) and len(norms) == len(tm.feature_info) + 1: return f'norm.{len(norms)-1}'
     try: tm.get_submodule(name); return name
     except AttributeError: pass
     n1 = [n for n,_ in tm.named_modules() if n.split('.')[-1] == 'norm1']

@@ -142,5 +142,28 @@ def test_space_to_depth_stem_and_missing_stage_names():
     with torch.no_grad(): before = m(x)
     add_attention(m, 'cbam')
     with torch.no_grad(): assert len(attention_modules(m)) == sum(len(l) for l in (m.body.layer1, m.body.layer2, m.body.layer3, m.body.layer4)) and (m(x) - before).abs().max() < 1e-5
+    m = timm.create_model('tresnet_m', pretrained=False, num_classes=0)  # feature_info[0] is '' (the whole model): skipped, said so
+    with pytest.warns(UserWarning, match=r"TResNet's feature_info names \[''\].*no attention at those stages"): add_attention(m, 'se', 'stages')
+    assert len(attention_modules(m)) == len(m.feature_info) - 1
     tw = timm.create_model('twins_svt_small', pretrained=False, num_classes=0)
     with pytest.raises(ValueError, match=r"attn_where='stages': Twins's feature_info names \['block.0', 'block.1', 'block.2', 'block.3'\]"): add_attention(tw, 'se', 'stages')
+
+def test_nonlocal_on_an_isotropic_net_names_the_strides():
+    "ConvMixer keeps stride 7 in every block: non-local's stride-8/16 placement finds nothing, and the error says how to choose stages"
+    m = pretrained_like(timm.create_model('convmixer_768_32', pretrained=False, num_classes=0)).eval()
+    with pytest.raises(ValueError, match=r"non-local attention goes at stride 8 and 16 .*strides \[7\]: pass attn_where=stage indices \(0..31\)"):
+        add_attention(m, 'nl', 'stages')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(): before = m(x)
+    add_attention(m, 'nl', [15, 31])
+    with torch.no_grad(): assert len(attention_modules(m)) == 2 and torch.equal(m(x), before)
+
+def test_mobilenetv5_universal_inverted_residuals_take_attention():
+    "MobileNetV5's UniversalInvertedResidual blocks (timm's MobileNet V4/V5 block) take attention at their `se` place, identity at insertion"
+    m = pretrained_like(timm.create_model('mobilenetv5_base', pretrained=False, num_classes=0)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(): before = m(x)
+    add_attention(m, 'eca')
+    uir = [n for n,b in m.named_modules() if type(b).__name__ == 'UniversalInvertedResidual']
+    assert uir and all(f'{n}.se' in attention_modules(m) or any(k.startswith(f'{n}.se') for k in attention_modules(m)) for n in uir)
+    with torch.no_grad(): assert (m(x) - before).abs().max() < 1e-5

@@ -239,3 +239,13 @@ def test_cam_where_feature_info_names_a_missing_module():
     xb, _ = dls.one_batch()
     maps = learn.cam(xb[:2], relu=False)
     assert maps.shape == (2, 64, 64) and (maps.flatten(1).std(1) > 0.05).all()
+
+def test_cam_on_efficientvim_uses_its_final_norm():
+    "EfficientViM's stages return tuples and its head pools `norm[-1]` of the final map: that is the CAM layer"
+    torch.manual_seed(0)
+    dls = synth_dls(n=8, size=128, bs=4)  # its final map is at stride 64: 2x2 at 128 px
+    learn = cls_learner(dls, 'efficientvim_m1', pretrained=False)
+    assert find_cam_layer(learn.model)[0] == '0.model.norm.3'
+    xb, _ = dls.one_batch()
+    maps = learn.cam(xb[:2], relu=False)
+    assert maps.shape == (2, 128, 128) and (maps.flatten(1).std(1) > 0.05).all()

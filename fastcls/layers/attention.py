@@ -5,7 +5,7 @@
 # %% ../../nbs/01_layers.attention.ipynb #7698d3fc
 from __future__ import annotations
 from functools import partial
-import importlib
+import importlib, warnings
 import torch
 from torch import nn
 from fastcore.basics import listify
@@ -100,7 +100,7 @@ def _classes(spec):
 _site_spec = {  # (attribute, 'after' the module there or 'before' it): block classes
     ('se', 'after'): 'resnet:BasicBlock resnet:Bottleneck sknet:SelectiveKernelBasic sknet:SelectiveKernelBottleneck '
                      'res2net:Bottle2neck tresnet:BasicBlock tresnet:Bottleneck _efficientnet_blocks:InvertedResidual '
-                     '_efficientnet_blocks:DepthwiseSeparableConv _efficientnet_blocks:EdgeResidual '
+                     '_efficientnet_blocks:DepthwiseSeparableConv _efficientnet_blocks:EdgeResidual _efficientnet_blocks:UniversalInvertedResidual '
                      'ghostnet:GhostBottleneck ghostnet:GhostBottleneckV3 rexnet:LinearBottleneck repvit:RepViTBlock',
     ('drop_path', 'before'): 'regnet:Bottleneck convnext:ConvNeXtBlock resnetv2:PreActBasic resnetv2:PreActBottleneck resnetv2:Bottleneck',
     ('bn3', 'after'): 'resnest:ResNestBottleneck dla:DlaBottleneck dla:DlaBottle2neck',
@@ -152,8 +152,9 @@ def _stages(model):
         if m is None or isinstance(m, (nn.ModuleList, nn.ModuleDict)): bad.append(f['module']); continue  # not a module run as one
         p,a = _get_parent(model, f['module'])
         res.append((f['module'], p, a, 'after', i, f['reduction']))
-    if bad: raise ValueError(f"attn_where='stages': {type(model).__name__}'s feature_info names {bad}, which are not modules whose output is a stage's "
-                             f"(missing, the whole model, or a container its forward loops over). Supported families: {supported_families}")
+    why = f"{type(model).__name__}'s feature_info names {bad}, which are not modules whose output is a stage's (missing, the whole model, or a container its forward loops over)"
+    if bad and not res: raise ValueError(f"attn_where='stages': {why}. Supported families: {supported_families}")
+    if bad: warnings.warn(f"attn_where='stages': {why}: no attention at those stages")
     return res
 
 # %% ../../nbs/01_layers.attention.ipynb #cf9dc102
@@ -165,7 +166,11 @@ def _pick(blocks, where, between, n_stages):
     "Places selected by `where`: 'all', 'stages', 'last', or stage indices into the model's `feature_info`"
     if where in ('all', 'stages'):
         # non-local goes in the paper's res3 and res4 (stride 8 and 16); everything else in every block
-        return [b for b in blocks if b[5] in (8, 16)] if between else blocks
+        if not between: return blocks
+        sel = [b for b in blocks if b[5] in (8, 16)]
+        if not sel: raise ValueError(f"non-local attention goes at stride 8 and 16 (the paper's res3 and res4); this model's places are at strides "
+                                     f"{sorted({b[5] for b in blocks if b[5] is not None})}: pass attn_where=stage indices (0..{n_stages-1}) to choose them")
+        return sel
     if where == 'last': stages = {max(b[4] for b in blocks if b[4] is not None)}
     else:
         if isinstance(where, str): raise ValueError(f"attn_where must be 'all', 'stages', 'last' or stage indices, got {where!r}")
