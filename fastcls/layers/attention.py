@@ -276,17 +276,19 @@ def add_attention(model:nn.Module, # a timm CNN, pretrained weights already load
         if not getattr(model, 'feature_info', None):
             raise ValueError(f"attn_where='stages' needs the model's `feature_info`, which {name} does not have. "
                              f"Use attn_where='all' (block placement) on the supported families: {supported_families}")
-        places = _stages(model)
+        places,staged = _stages(model),True
     else:
+        staged = False
         places = _blocks(model)
+        if not places and where != 'all' and _has_stages(model): places,staged = _stages(model),True  # 'last' or stage indices on a model without supported blocks: at its stage boundaries
         if not places:
             hint = " or attn_where='stages' (this model has `feature_info`)" if getattr(model, 'feature_info', None) and _has_stages(model) else ''
             raise ValueError(f"{name} has no block fastcls can add attention to{hint}. Supported families: {supported_families}")
     sel = _pick(places, where, between, len(getattr(model, 'feature_info', [])))
-    if between and where != 'stages': sel = _every_other(sel)
-    whole = between and where != 'stages'
+    if between and not staged: sel = _every_other(sel)
+    whole = between and not staged
     chans = _probe(model, sel, whole=whole)
-    todo = [(s, c) for s,c in zip(sel, chans) if c is not None and (where != 'stages' or c == model.feature_info[s[4]]['num_chs'])]
+    todo = [(s, c) for s,c in zip(sel, chans) if c is not None and (not staged or c == model.feature_info[s[4]]['num_chs'])]
     if not todo: raise ValueError(f"no place selected by attn_where={where!r} in {name} sees a (B,C,H,W) feature map. Supported families: {supported_families}")
     for (n,p,a,mode,*_),c in todo:
         if whole:
