@@ -598,6 +598,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                           'fastcls.layers.attention._run': ('layers.attention.html#_run', 'fastcls/layers/attention.py'),
                                           'fastcls.layers.attention._stage_of': ( 'layers.attention.html#_stage_of',
                                                                                   'fastcls/layers/attention.py'),
+                                          'fastcls.layers.attention._stage_places': ( 'layers.attention.html#_stage_places',
+                                                                                      'fastcls/layers/attention.py'),
                                           'fastcls.layers.attention._stages': ( 'layers.attention.html#_stages',
                                                                                 'fastcls/layers/attention.py'),
                                           'fastcls.layers.attention.add_attention': ( 'layers.attention.html#add_attention',

@@ -143,24 +143,27 @@ def _blocks(model):
     res = [(n, m, *_sites[type(m)], *stage(n)) for n,m in model.named_modules() if type(m) in _sites]
     return res or [(n, p, a, md, *stage(n)) for n,p,a,md in _plain_sites(model)]
 
-def _stages(model):
-    "Places at every stage boundary of `model.feature_info` (BAM's placement), in the same format as `_blocks`"
+def _stage_places(model):
+    "(places at the usable `feature_info` stage boundaries, the names of the unusable ones)"
     res,bad = [],[]
-    for i,f in enumerate(model.feature_info):
+    for i,f in enumerate(getattr(model, 'feature_info', None) or []):
         try: m = model.get_submodule(f['module']) if f['module'] else None
         except AttributeError: m = None
         if m is None or isinstance(m, (nn.ModuleList, nn.ModuleDict)): bad.append(f['module']); continue  # not a module run as one
         p,a = _get_parent(model, f['module'])
         res.append((f['module'], p, a, 'after', i, f['reduction']))
+    return res,bad
+
+def _stages(model):
+    "Places at every stage boundary of `model.feature_info` (BAM's placement), in the same format as `_blocks`"
+    res,bad = _stage_places(model)
     why = f"{type(model).__name__}'s feature_info names {bad}, which are not modules whose output is a stage's (missing, the whole model, or a container its forward loops over)"
     if bad and not res: raise ValueError(f"attn_where='stages': {why}. Supported families: {supported_families}")
     if bad: warnings.warn(f"attn_where='stages': {why}: no attention at those stages")
     return res
 
 # %% ../../nbs/01_layers.attention.ipynb #cf9dc102
-def _has_stages(model):
-    try: return bool(_stages(model))
-    except ValueError: return False
+def _has_stages(model): return bool(_stage_places(model)[0])
 
 def _pick(blocks, where, between, n_stages):
     "Places selected by `where`: 'all', 'stages', 'last', or stage indices into the model's `feature_info`"
@@ -282,7 +285,7 @@ def add_attention(model:nn.Module, # a timm CNN, pretrained weights already load
         places = _blocks(model)
         if not places and where != 'all' and _has_stages(model): places,staged = _stages(model),True  # 'last' or stage indices on a model without supported blocks: at its stage boundaries
         if not places:
-            hint = " or attn_where='stages' (this model has `feature_info`)" if getattr(model, 'feature_info', None) and _has_stages(model) else ''
+            hint = " or attn_where='stages' (this model has `feature_info`)" if _has_stages(model) else ''
             raise ValueError(f"{name} has no block fastcls can add attention to{hint}. Supported families: {supported_families}")
     sel = _pick(places, where, between, len(getattr(model, 'feature_info', [])))
     if between and not staged: sel = _every_other(sel)
