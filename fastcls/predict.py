@@ -13,11 +13,11 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastcore.basics import patch
 from .core import Registry
-from .data.check import read_image
+from .data.check import check_image
 from .runtime import preds_frame, label_metrics
 
 # %% auto #0
-__all__ = ['tta_views', 'default_tta', 'zoom_crop', 'TTAView', 'model_channels', 'read_for_model']
+__all__ = ['tta_views', 'default_tta', 'zoom_crop', 'TTAView', 'model_channels', 'image_problem']
 
 # %% ../nbs/32_predict.ipynb #193b86d0
 tta_views = Registry('TTA view')
@@ -84,14 +84,14 @@ def model_channels(model:nn.Module) -> int:
     if conv is None: raise ValueError(f"cannot tell the input channels of {type(model).__name__}: no convolution in it")
     return conv.in_channels
 
-def read_for_model(fn, n_in:int=3) -> tuple:
-    "(problem or None, `fn` decoded and converted to RGB or L, or None if a model taking `n_in` channels cannot predict it)"
-    prob,mode,im = read_image(fn, min_size=1)
-    if im is None: return prob, None
+def image_problem(fn, n_in:int=3) -> tuple[str|None, bool]:
+    "(problem or None, whether `fn` can still be predicted) for a model taking `n_in` channels"
+    prob,mode = check_image(fn, min_size=1)
+    if mode is None or (prob or '').startswith('corrupt'): return prob, False
     bands = Image.getmodebands(mode) if mode != "P" else 1
     if bands not in (1, n_in):
-        return f"image has {bands} channels (mode {mode}), the model takes {n_in}: convert it to {'RGB' if n_in == 3 else 'L'} first", None
-    return prob, im.convert('RGB' if n_in == 3 else 'L')  # what fastai's PILImage / PILImageBW.create does to a file
+        return f"image has {bands} channels (mode {mode}), the model takes {n_in}: convert it to {'RGB' if n_in == 3 else 'L'} first", False
+    return prob, True
 
 # %% ../nbs/32_predict.ipynb #4b137bf3
 @patch
@@ -107,15 +107,11 @@ def predict_files(self:Learner, files, # image files
     if not files: raise ValueError("no image files to predict")
     if labels is not None and len(labels) != len(files): raise ValueError(f"{len(labels)} labels for {len(files)} files")
     n_in = model_channels(self.model)
-    problems,probs = [],[]
-    for i in range(0, len(files), bs):  # a batch of files is decoded once, checked, then predicted: memory stays at one batch
-        read = [read_for_model(f, n_in) for f in files[i:i+bs]]
-        problems += read; ims = [im for _,im in read if im is not None]
-        if not ims: continue
-        dl = self.dls.test_dl(ims, bs=bs)
-        probs.append((self.tta_preds(dl, tta, beta) if tta else self.get_preds(dl=dl))[0].float().numpy())
-    ok = np.array([im is not None for _,im in problems])
+    checks = [image_problem(f, n_in) for f in files]
+    ok = np.array([c[1] for c in checks])
     if not ok.any():
-        lines = '\n'.join(f"  {f}: {p}" for f,(p,_) in list(zip(files, problems))[:10])
+        lines = '\n'.join(f"  {f}: {c[0]}" for f,c in list(zip(files, checks))[:10])
         raise ValueError(f"none of the {len(files)} images can be predicted:\n{lines}")
-    return preds_frame(files, np.concatenate(probs), self.dls.vocab, [p for p,_ in problems], ok, labels, k)
+    dl = self.dls.test_dl([f for f,o in zip(files, ok) if o], bs=bs)
+    probs = (self.tta_preds(dl, tta, beta) if tta else self.get_preds(dl=dl))[0].float().numpy()
+    return preds_frame(files, probs, self.dls.vocab, [c[0] for c in checks], ok, labels, k)

@@ -12,38 +12,31 @@ from PIL import Image, UnidentifiedImageError
 from fastai.data.transforms import get_image_files, parent_label, Categorize
 
 # %% auto #0
-__all__ = ['read_image', 'check_image', 'check_images', 'check_image_df', 'check_image_folder', 'check_dls']
+__all__ = ['check_image', 'check_images', 'check_image_df', 'check_image_folder', 'check_dls']
 
 # %% ../../nbs/11_data.check.ipynb #a9851de2
 _deep_modes = {'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'}
 _alpha_modes = {'RGBA', 'LA', 'PA', 'RGBa', 'La'}
 
-def read_image(fn, # image file
-               min_size:int=16, # smallest accepted width and height, in pixels
-              ) -> tuple:
-    "`(problem, mode, image)`: `check_image`'s problem and PIL mode, and `fn` decoded (None if it could not be read)"
+def check_image(fn, # image file
+                min_size:int=16, # smallest accepted width and height, in pixels
+               ) -> tuple[str|None, str|None]:
+    "The problem with image `fn` (or None) and its PIL mode (None if it could not be read)"
     fn = Path(fn)
-    if not fn.is_file(): return 'file not found', None, None
+    if not fn.is_file(): return 'file not found', None
     mode = None  # unknown until the header is read
     try:
         with Image.open(fn) as im:
             mode,(w,h),info = im.mode,im.size,im.info
             im.load()  # decodes every pixel: truncated files fail here
-            im = im._new(im.im)  # the pixels without the closed file, as fastai's `load_image`
-    except UnidentifiedImageError: return 'not an image PIL can identify (corrupt or not an image)', None, None
-    except (OSError, SyntaxError, ValueError) as e: return f'corrupt or truncated image ({e})', mode, None
-    if min(w, h) < min_size: return f'image is {w}x{h} pixels, smaller than min_size={min_size}', mode, im
+    except UnidentifiedImageError: return 'not an image PIL can identify (corrupt or not an image)', None
+    except (OSError, SyntaxError, ValueError) as e: return f'corrupt or truncated image ({e})', mode
+    if min(w, h) < min_size: return f'image is {w}x{h} pixels, smaller than min_size={min_size}', mode
     if mode in _alpha_modes or (mode == 'P' and 'transparency' in info):
-        return f"mode {mode} has an alpha channel, which fastai drops when converting to RGB", mode, im
+        return f"mode {mode} has an alpha channel, which fastai drops when converting to RGB", mode
     if mode in _deep_modes:
-        return f"mode {mode} ({'16' if '16' in mode else '32'}-bit): fastai's convert to 8-bit clips at 255; rescale to 8 bits first", mode, im
-    return None, mode, im
-
-def check_image(fn, # image file
-                min_size:int=16, # smallest accepted width and height, in pixels
-               ) -> tuple[str|None, str|None]:
-    "The problem with image `fn` (or None) and its PIL mode (None if it could not be read)"
-    return read_image(fn, min_size)[:2]
+        return f"mode {mode} ({'16' if '16' in mode else '32'}-bit): fastai's convert to 8-bit clips at 255; rescale to 8 bits first", mode
+    return None, mode
 
 # %% ../../nbs/11_data.check.ipynb #7fe5d6e7
 def check_images(fnames, # image files
