@@ -5,16 +5,17 @@
 # %% ../../nbs/24_callback.distill.ipynb #f1241d46
 from __future__ import annotations
 import warnings
+from copy import copy
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from fastai.callback.core import Callback
 from fastai.callback.hook import hook_outputs
 from fastai.data.transforms import Normalize
-from fastai.vision.augment import Resize
+from fastai.vision.augment import Resize, RandomResizedCrop
 from fastai.learner import Learner, load_learner
 from fastai.torch_core import to_device
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, fastuple
 from ..core import Registry
 from ..data.samplers import _train_labels
 
@@ -62,9 +63,20 @@ def _norm_stats(dl):
     n = [t for t in getattr(getattr(dl, 'after_batch', None), 'fs', []) if isinstance(t, Normalize)]
     return (n[0].mean, n[0].std) if n else None
 
+def _resizes(dl): return [t for t in getattr(getattr(dl, 'after_item', None), 'fs', []) if isinstance(t, (Resize, RandomResizedCrop))]
+
 def _resize_size(dl):
-    r = [t for t in getattr(getattr(dl, 'after_item', None), 'fs', []) if isinstance(t, Resize)]
-    return tuple(r[0].size) if r else None
+    "(height, width) of the first `Resize`/`RandomResizedCrop` of `dl`'s item transforms (fastai stores (width, height)), or None"
+    r = _resizes(dl)
+    return (r[0].size[1], r[0].size[0]) if r else None
+
+def _at_size(dl, size):
+    "`dl`'s item transforms with each `Resize`/`RandomResizedCrop` set to `size` (h, w), or None if it has none"
+    if not _resizes(dl): return None
+    def _sized(t):
+        if not isinstance(t, (Resize, RandomResizedCrop)): return t
+        t = copy(t); t.size = fastuple(size[1], size[0]); return t
+    return [_sized(t) for t in dl.after_item.fs]
 
 def _unwrap(m): return getattr(m, 'module', m)
 
@@ -171,6 +183,11 @@ class KDCallback(Callback, _BatchIdxs):
         if self.layers: self._setup_hooks(dev)
         if self.cache and any(type(cb).__name__ == 'CutMixUp' for cb in self.learn.cbs):
             raise ValueError("cache=True with CutMixUp: the cached logits are of un-mixed images, but the teacher must see the mixed one; use cache=False")
+        ssize = _resize_size(self.dls.train)
+        if not self.cache and self.tsize is not None and ssize is not None and ssize[0]*ssize[1] < self.tsize[0]*self.tsize[1]:
+            warnings.warn(f"The teacher takes {self.tsize[0]}x{self.tsize[1]} images and the student's batches are {ssize[0]}x{ssize[1]}: "
+                          "each batch is upsampled for the teacher, which then sees less detail than in its training and predicts worse. "
+                          "cache=True reads the images at the teacher's size")
         if self.cache and self.cached is None: self.cached = self.teacher_logits_of(self.dls.train)
 
     def _check_classes(self, dev):
@@ -185,9 +202,10 @@ class KDCallback(Callback, _BatchIdxs):
         return dl.one_batch()[0][:2].to(dev)
 
     def convert(self, x):
-        "The student's input batch `x` as the teacher expects it: re-normalised and resized"
-        if self.tnorm is not None and self.snorm is not None and not all(torch.equal(a.cpu().flatten(), b.cpu().flatten()) for a,b in zip(self.snorm, self.tnorm)):
-            (ms,ss),(mt,st) = [(m.to(x).view(1,-1,1,1), s.to(x).view(1,-1,1,1)) for m,s in (self.snorm, self.tnorm)]
+        "The student's input batch `x` as the teacher expects it: re-normalised (a student without `Normalize` feeds [0, 1] pixels) and resized"
+        snorm = self.snorm if self.snorm is not None else (torch.zeros(1), torch.ones(1))
+        if self.tnorm is not None and not all(torch.equal(a.cpu().flatten(), b.cpu().flatten()) for a,b in zip(snorm, self.tnorm)):
+            (ms,ss),(mt,st) = [(m.to(x).view(1,-1,1,1), s.to(x).view(1,-1,1,1)) for m,s in (snorm, self.tnorm)]
             x = (x*ss + ms - mt)/st
         if self.tsize is not None and tuple(x.shape[-2:]) != tuple(self.tsize):
             x = F.interpolate(x, size=tuple(self.tsize), mode='bilinear', align_corners=False, antialias=x.shape[-1] > self.tsize[-1])
@@ -197,11 +215,13 @@ class KDCallback(Callback, _BatchIdxs):
         with torch.no_grad(): return self.tmodel(self.convert(x))
 
     def teacher_logits_of(self, dl):
-        "Teacher logits of every item of `dl`'s dataset under its validation transforms (no augmentation), in item order"
+        "Teacher logits of every item of `dl`'s dataset under its validation transforms (no augmentation), read at the teacher's size, in item order"
         ds = dl.dataset
+        sized = _at_size(dl, self.tsize) if self.tsize is not None else None
+        kw = dict(after_item=sized) if sized is not None else {}  # decoded at the teacher's size, not the student's batch upsampled
         out = []
         with ds.set_split_idx(1), torch.no_grad():
-            for b in dl.new(shuffle=False, drop_last=False, bs=max(dl.bs, 64), get_idxs=lambda: list(range(len(ds)))): out.append(self._teacher_forward(b[0]).float())
+            for b in dl.new(shuffle=False, drop_last=False, bs=max(dl.bs, 64), get_idxs=lambda: list(range(len(ds))), **kw): out.append(self._teacher_forward(b[0]).float())
         return torch.cat(out)
 
     def _setup_hooks(self, dev):
