@@ -11,7 +11,8 @@ from torch import nn
 from PIL import Image
 from fastai.learner import Learner
 from fastai.callback.core import Callback
-from fastcore.basics import patch
+from fastcore.basics import patch, defaults
+from fastcore.parallel import parallel
 from .core import Registry
 from .data.check import check_image
 from .runtime import preds_frame, label_metrics
@@ -107,7 +108,7 @@ def predict_files(self:Learner, files, # image files
     if not files: raise ValueError("no image files to predict")
     if labels is not None and len(labels) != len(files): raise ValueError(f"{len(labels)} labels for {len(files)} files")
     n_in = model_channels(self.model)
-    checks = [image_problem(f, n_in) for f in files]
+    checks = parallel(image_problem, files, n_in=n_in, threadpool=True, n_workers=defaults.cpus, progress=False)  # Pillow decodes without the GIL
     ok = np.array([c[1] for c in checks])
     if not ok.any():
         lines = '\n'.join(f"  {f}: {c[0]}" for f,c in list(zip(files, checks))[:10])
