@@ -59,9 +59,10 @@ kd_losses.register('fitnet', _fitnet, aliases=('hint', 'fitnets'), kind='feature
 
 # %% ../../nbs/24_callback.distill.ipynb #d9e21a47
 def _norm_stats(dl):
-    "(mean, std) of the `Normalize` in `dl`'s batch transforms, or None"
+    "(mean, std) of the `Normalize` in `dl`'s batch transforms; (0, 1) without one (it feeds [0, 1] pixels); None without `dl`"
+    if dl is None: return None
     n = [t for t in getattr(getattr(dl, 'after_batch', None), 'fs', []) if isinstance(t, Normalize)]
-    return (n[0].mean, n[0].std) if n else None
+    return (n[0].mean, n[0].std) if n else (torch.zeros(1), torch.ones(1))
 
 def _resizes(dl): return [t for t in getattr(getattr(dl, 'after_item', None), 'fs', []) if isinstance(t, (Resize, RandomResizedCrop))]
 
@@ -72,11 +73,11 @@ def _resize_size(dl):
 
 def _at_size(dl, size):
     "`dl`'s item transforms with each `Resize`/`RandomResizedCrop` set to `size` (h, w), or None if it has none"
-    if not _resizes(dl): return None
-    def _sized(t):
-        if not isinstance(t, (Resize, RandomResizedCrop)): return t
-        t = copy(t); t.size = fastuple(size[1], size[0]); return t
-    return [_sized(t) for t in dl.after_item.fs]
+    rs = _resizes(dl)
+    if not rs: return None
+    sized = {id(t): copy(t) for t in rs}
+    for t in sized.values(): t.size = fastuple(size[1], size[0])
+    return [sized.get(id(t), t) for t in dl.after_item.fs]
 
 def _unwrap(m): return getattr(m, 'module', m)
 
@@ -202,10 +203,9 @@ class KDCallback(Callback, _BatchIdxs):
         return dl.one_batch()[0][:2].to(dev)
 
     def convert(self, x):
-        "The student's input batch `x` as the teacher expects it: re-normalised (a student without `Normalize` feeds [0, 1] pixels) and resized"
-        snorm = self.snorm if self.snorm is not None else (torch.zeros(1), torch.ones(1))
-        if self.tnorm is not None and not all(torch.equal(a.cpu().flatten(), b.cpu().flatten()) for a,b in zip(snorm, self.tnorm)):
-            (ms,ss),(mt,st) = [(m.to(x).view(1,-1,1,1), s.to(x).view(1,-1,1,1)) for m,s in (snorm, self.tnorm)]
+        "The student's input batch `x` as the teacher expects it: re-normalised and resized"
+        if self.tnorm is not None and self.snorm is not None and not all(torch.equal(a.cpu().flatten(), b.cpu().flatten()) for a,b in zip(self.snorm, self.tnorm)):
+            (ms,ss),(mt,st) = [(m.to(x).view(1,-1,1,1), s.to(x).view(1,-1,1,1)) for m,s in (self.snorm, self.tnorm)]
             x = (x*ss + ms - mt)/st
         if self.tsize is not None and tuple(x.shape[-2:]) != tuple(self.tsize):
             x = F.interpolate(x, size=tuple(self.tsize), mode='bilinear', align_corners=False, antialias=x.shape[-1] > self.tsize[-1])
