@@ -22,19 +22,27 @@ p.add_argument('--epochs', type=int, default=4); p.add_argument('--freeze-epochs
 p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--loss', default='ce'); p.add_argument('--sampler', default='none')
 p.add_argument('--aug', default='basic', choices=['basic', 'dihedral']); p.add_argument('--tta', action='store_true')
 p.add_argument('--seed', type=int, default=42); p.add_argument('--threads', type=int, default=2)
+p.add_argument('--head', default='fastai'); p.add_argument('--pool', default='avg')
+p.add_argument('--probe-epochs', type=int, default=0, help='LP-FT: `linear_probe` this many epochs (frozen body in eval mode) before `--epochs` unfrozen ones')
+p.add_argument('--probe-lr', type=float, default=1e-2)
+p.add_argument('--probe-cache', action='store_true', help='`linear_probe(cache=True)`: features computed once, without augmentation')
 p.add_argument('--no-channels-last', action='store_true', help="keep PyTorch's default memory format (fastcls train uses channels-last on the CPU)")
 p.add_argument('--table', help='print the markdown table of a JSON-lines file of earlier runs and exit')
 a = p.parse_args()
 if a.table:
-    print('| size | epochs (frozen + unfrozen) | lr | loss | channels-last | top-1 / balanced | recalls | TTA: top-1 / balanced | TTA + post-hoc LA τ=1 | train s (CPU s) |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('| size | schedule | head, pool | lr | loss | channels-last | top-1 / balanced | recalls | TTA: top-1 / balanced | post-hoc LA τ=1 | seed | train s (CPU s) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for l in open(a.table):
         r = json.loads(l); c = r['config']; k = 'tta' if 'tta' in r else 'plain'
         cl = 'no' if c.get('no_channels_last', True) else 'yes'
         tta = f"{r['tta']['top1']} / {r['tta']['balanced']}" + (' (fastai `tta`)' if 'no_channels_last' not in c else '') if 'tta' in r else '–'
         la = r[f'{k}+la1.0']
-        print(f"| {c['size']} | {c['freeze_epochs']} + {c['epochs']} | {c['lr']} | {c['loss']} | {cl} | {r['plain']['top1']} / {r['plain']['balanced']} | "
-              f"{' / '.join(f'{x:.2f}' for x in r['plain']['recalls'])} | {tta} | {la['top1']} / {la['balanced']} | {r['train_s']:.0f} ({r['train_cpu_s']:.0f}) |")
+        if c.get('probe_epochs'):
+            sched = f"probe {c['probe_epochs']}{' cached' if c.get('probe_cache') else ' (augmented)'}" + (f" + {c['epochs']} unfrozen" if c['epochs'] else '')
+        else: sched = f"fine_tune {c['freeze_epochs']} + {c['epochs']}"
+        print(f"| {c['size']} | {sched} | {c.get('head', 'fastai')}, {c.get('pool', 'avg')} | {(str(c['probe_lr']) + (f" then {c['lr']}" if c['epochs'] else '')) if c.get('probe_epochs') else c['lr']} | {c['loss']} | {cl} | "
+              f"{r['plain']['top1']} / {r['plain']['balanced']} | {' / '.join(f'{x:.2f}' for x in r['plain']['recalls'])} | {tta} | "
+              f"{la['top1']} / {la['balanced']}{' (TTA)' if k == 'tta' else ''} | {c['seed']} | {r['train_s']:.0f} ({r['train_cpu_s']:.0f}) |")
     raise SystemExit
 torch.set_num_threads(a.threads)
 warnings.filterwarnings('ignore')
@@ -49,14 +57,18 @@ df = elpv_df()
 dls = make_dls(df, a.size, a.bs, a.seed, aug='dihedral' if a.aug == 'dihedral' else True)
 dls = _with_sampler(a.sampler, dls, a.epochs + a.freeze_epochs, a.seed)
 pre = {'true': True, 'false': False}.get(a.pretrained.lower(), a.pretrained)
-learn = cls_learner(dls, a.arch, pretrained=pre, loss_func=loss_from_name(a.loss, dls))
+learn = cls_learner(dls, a.arch, pretrained=pre, loss_func=loss_from_name(a.loss, dls), head=a.head, pool=a.pool)
 if not a.no_channels_last:
     import fastai.callback.channelslast  # noqa: F401
     learn.to_channelslast(use_amp=False)
 cpu = lambda: sum(os.times()[:4])  # user+system of this process and its reaped workers
 start,cpu0 = time.time(),cpu()
 with learn.no_bar(), learn.no_logging():
-    if pre: learn.fine_tune(a.epochs, a.lr, freeze_epochs=a.freeze_epochs)
+    if a.probe_epochs:
+        import fastcls.ssl.learner  # noqa: F401  (Learner.linear_probe)
+        learn.linear_probe(a.probe_epochs, a.probe_lr, cache=a.probe_cache)
+        if a.epochs: learn.train_bn = True; learn.unfreeze(); learn.fit_one_cycle(a.epochs, slice(a.lr/100, a.lr))
+    elif pre: learn.fine_tune(a.epochs, a.lr, freeze_epochs=a.freeze_epochs)
     else: learn.fit_one_cycle(a.epochs, a.lr)
 train_s,train_cpu = time.time() - start,cpu() - cpu0
 with learn.no_bar():

@@ -29,6 +29,7 @@ from fastcls.callback.distill import KDCallback, CSKD, PSKD, pair_dls
 from fastcls.callback.ema import EMA
 from fastcls.callback.mixup import CutMixUp
 from fastcls.weights import load_cls_learner
+import fastcls.ssl.learner  # noqa: F401  (Learner.linear_probe)
 
 warnings.filterwarnings('ignore')
 ROWS = 'alone,kd,ema,dist,at,cskd,pskd,ls,cutmix'
@@ -43,11 +44,15 @@ def teacher(a):
     if (d/'config.json').exists(): return load_cls_learner(d), json.loads((d/'scores.json').read_text())
     set_seed(a.seed)
     dls = elpv_dls(size=a.teacher_size, bs=a.bs)
-    learn = cls_learner(dls, 'tf_efficientnet_lite0', pretrained=True, metrics=accuracy, loss_func=losses[a.teacher_loss](dls))
+    learn = cls_learner(dls, 'tf_efficientnet_lite0', pretrained=True, metrics=accuracy, loss_func=losses[a.teacher_loss](dls),
+                        head=a.teacher_head, pool=a.teacher_pool)
     learn.to_channelslast(use_amp=False)  # 1.36x faster on this CPU (§8); the saved weights are the same
     start = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fine_tune(a.teacher_epochs, 2e-3, freeze_epochs=1)
-    res = dict(scores(learn), wall=round(time.time() - start, 1), loss=a.teacher_loss)
+    with learn.no_bar(), learn.no_logging():
+        if a.teacher_probe: learn.linear_probe(a.teacher_probe, cache=True)  # the default run's recipe (BENCHMARKS.md §8)
+        else: learn.fine_tune(a.teacher_epochs, 2e-3, freeze_epochs=1)
+    res = dict(scores(learn), wall=round(time.time() - start, 1), loss=a.teacher_loss,
+               **(dict(probe=a.teacher_probe, head=a.teacher_head, pool=a.teacher_pool) if a.teacher_probe else {}))
     learn.loss_func = CrossEntropyLossFlat()
     learn.save_weights(d); (d/'scores.json').write_text(json.dumps(res))
     return load_cls_learner(d), res
@@ -176,6 +181,8 @@ def main():
     p.add_argument('--epochs', type=int, default=3); p.add_argument('--size', type=int, default=64)
     p.add_argument('--teacher-size', type=int, default=96); p.add_argument('--teacher-epochs', type=int, default=2)
     p.add_argument('--teacher-dir', default='runs/distill_teacher'); p.add_argument('--lr', type=float, default=2e-3)
+    p.add_argument('--teacher-probe', type=int, default=0, help='train the teacher as the default run does: `linear_probe(N, cache=True)` instead of `fine_tune`')
+    p.add_argument('--teacher-head', default='fastai'); p.add_argument('--teacher-pool', default='avg')
     p.add_argument('--teacher-loss', default='wce', help="a `fastcls.losses.longtail.losses` name ('wce': CE weighted (n_max/n_c)^0.5)")
     p.add_argument('--bs', type=int, default=32); p.add_argument('--seed', type=int, default=42)
     p.add_argument('--skip-timing', action='store_true'); p.add_argument('--micro', action='store_true')

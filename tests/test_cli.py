@@ -3,7 +3,7 @@ import json, os, shutil, subprocess, sys, warnings
 from pathlib import Path
 import pandas as pd, pytest, torch
 from safetensors.torch import load_file
-from fastcls.cli.core import main, data_df, loss_from_name, make_dls, run_config, check_config, UsageError
+from fastcls.cli.core import main, data_df, loss_from_name, make_dls, run_config, check_config, fine_tune_opts, UsageError
 from fastcls.losses.longtail import class_weights, losses
 from fastcls.test_utils import synth_df
 
@@ -144,10 +144,33 @@ def test_experiments_bad_input(folder, tmp_path, capsys):
     assert rc == 2 and 'cannot parse' in err
 
 def test_recipe_and_overrides():
-    assert run_config('se-mixup', attn='eca', epochs=2) | {} == run_config(attn='eca', mix='mixup', epochs=2) | {'recipe': 'se-mixup'}
+    assert run_config('se-mixup', attn='eca', epochs=2) | {} == run_config(**{**fine_tune_opts, 'attn': 'eca', 'mix': 'mixup', 'epochs': 2}) | {'recipe': 'se-mixup'}
     assert run_config('se')['attn'] == 'se' and run_config(attn='none')['attn'] is None
     check_config(run_config('se-mixup'))
     with pytest.raises(UsageError, match='unknown options'): run_config(atn='se')
+
+PRETRAINED_TINY = ['--arch', 'tf_efficientnet_lite0', '--size', '32', '--bs', '8', '--quiet']  # the default probe of the installed ImageNet weights
+
+def test_default_probe(folder, tmp_path):
+    "With no training options a pretrained run is a cached linear probe: the body keeps its ImageNet weights, the head trains"
+    from fastcls.pretrained import pretrained_timm
+    from fastcls.weights import load_cls_learner
+    out = tmp_path/'probe'
+    assert main(['train', '--data', str(folder), '--out', str(out), *PRETRAINED_TINY]) == 0
+    cfg = json.loads((out/'metrics.json').read_text())['config']
+    assert (cfg['probe'], cfg['epochs'], cfg['head'], cfg['pool']) == (10, 0, 'fastai', 'catavgmax')
+    learn = load_cls_learner(out)
+    ref = pretrained_timm('tf_efficientnet_lite0').state_dict()
+    body = learn.model[0].model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k,v in body.items() if k in ref) and sum(k in ref for k in body) > 100
+    assert learn.n_steps == 10*max(1, cfg['n_train']//64)  # 10 epochs of full batches of 64 cached features
+
+@pytest.mark.parametrize('opts,msg', [(['--attn', 'se'], '--attn se: a probe-only run'), (['--mix', 'cutmix'], '--mix cutmix'),
+                                      (['--ema'], '--teacher and --ema act on training batches')])
+def test_probe_only_refuses_idle_options(folder, capsys, opts, msg):
+    "Options that would do nothing in a probe-only run are refused, naming the fix"
+    rc,err = _err(capsys, 'train', '--data', folder, *PRETRAINED_TINY, *opts)
+    assert rc == 2 and msg in err and '--epochs N' in err, err
 
 def test_resume(trained, folder, tmp_path):
     "A run leaves a checkpoint; --resume continues from it (here: the finished fit) and reports the same model"

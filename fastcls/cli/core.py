@@ -14,9 +14,10 @@ from .report import write_report, classification_report
 import json as _json_mod  # `predict` has a `json` option
 
 # %% auto #0
-__all__ = ['datasets', 'mixes', 'train_defaults', 'recipes', 'commands', 'UsageError', 'random_split', 'folder_df', 'csv_df',
-           'data_df', 'make_dls', 'loss_from_name', 'pretrained_value', 'run_config', 'check_config', 'check_out',
-           'fit', 'distill_cbs', 'summary', 'train', 'load_model', 'predict_inputs', 'predict', 'main']
+__all__ = ['datasets', 'mixes', 'train_defaults', 'recipes', 'fine_tune_opts', 'commands', 'UsageError', 'random_split',
+           'folder_df', 'csv_df', 'data_df', 'make_dls', 'loss_from_name', 'pretrained_value', 'run_config',
+           'probe_only', 'check_config', 'check_out', 'fit', 'distill_cbs', 'summary', 'train', 'load_model',
+           'predict_inputs', 'predict', 'main']
 
 # %% ../../nbs/60_cli.core.ipynb #cfecbef6
 class UsageError(ValueError):
@@ -146,15 +147,17 @@ def _with_sampler(name:str, dls, epochs:int|None=None, seed:int|None=None):
     return f(dls, **kw)
 
 # %% ../../nbs/60_cli.core.ipynb #e401cfe2
-train_defaults = dict(arch='tf_efficientnet_lite0', attn=None, pool='avg', head='fastai', loss='ce', mix='none', sampler='none',
-                      epochs=4, lr=2e-3, size=128, bs=32, pretrained=True, seed=42)  # the measured pretrained run: BENCHMARKS.md §8
+train_defaults = dict(arch='tf_efficientnet_lite0', attn=None, pool='catavgmax', head='fastai', loss='ce', mix='none', sampler='none',
+                      probe=10, epochs=0, lr=2e-3, size=300, bs=32, pretrained=True, seed=42)  # the measured default run: BENCHMARKS.md §8
 
 recipes = Registry('recipe')
-recipes.register('baseline', {}, doc='the defaults (`train_defaults`): pretrained EfficientNet-Lite0, cross-entropy, no attention, no mixing')
-for _a in ('se', 'eca', 'cbam', 'coord'): recipes.register(_a, dict(attn=_a), doc=f'{_a} attention in every block')
-recipes.register('mixup', dict(mix='mixup'), doc='MixUp (alpha 0.4)')
-recipes.register('cutmix', dict(mix='cutmix'), doc='CutMix (alpha 1)')
-recipes.register('se-mixup', dict(attn='se', mix='mixup'), doc='SE attention and MixUp')
+recipes.register('baseline', {}, doc='the defaults (`train_defaults`): a cached linear probe of the pretrained EfficientNet-Lite0 at 300 px, cross-entropy')
+fine_tune_opts = dict(probe=0, epochs=4, size=128, pool='avg')  # attention and mixing need trained epochs
+recipes.register('fine-tune', fine_tune_opts, doc="fastai's `fine_tune(4)` at 128 px (the default before the probe)")
+for _a in ('se', 'eca', 'cbam', 'coord'): recipes.register(_a, dict(fine_tune_opts, attn=_a), doc=f'{_a} attention in every block, fine-tuned')
+recipes.register('mixup', dict(fine_tune_opts, mix='mixup'), doc='MixUp (alpha 0.4), fine-tuned')
+recipes.register('cutmix', dict(fine_tune_opts, mix='cutmix'), doc='CutMix (alpha 1), fine-tuned')
+recipes.register('se-mixup', dict(fine_tune_opts, attn='se', mix='mixup'), doc='SE attention and MixUp, fine-tuned')
 recipes.register('gem-like', dict(pool='catavgmax'), doc='concatenated average and max pooling')
 
 def pretrained_value(s):
@@ -169,6 +172,12 @@ def run_config(recipe:str|None=None, **opts) -> dict:
     cfg = {**train_defaults, **(recipes[recipe] if recipe else {}), **{k:v for k,v in opts.items() if v is not None}}
     if isinstance(cfg['attn'], str) and cfg['attn'].lower() == 'none': cfg['attn'] = None
     return dict(cfg, recipe=recipe)
+
+def probe_only(cfg:dict) -> bool:
+    "Whether `cfg` trains only a probe of the frozen pretrained network (no unfrozen epochs)"
+    return cfg['probe'] > 0 and bool(cfg['pretrained']) and cfg['epochs'] == 0
+
+_add_epochs = "add unfrozen epochs (--epochs N) or fine-tune instead (--probe 0 --epochs N, or --recipe fine-tune)"
 
 def check_config(cfg:dict):
     "Raise a `UsageError` naming the first invalid option of `cfg`, before any data are loaded"
@@ -187,7 +196,11 @@ def check_config(cfg:dict):
         if not _is_default(cfg['loss']): losses.resolve(cfg['loss'])
         if cfg['sampler'].lower() != 'none': samplers.resolve(cfg['sampler'])
     except ValueError as e: raise UsageError(f"{e}{' (or default: the head’s own loss)' if 'Unknown loss' in str(e) else ''}") from None
-    for k,lo in (('epochs', 1), ('size', 16), ('bs', 1)):
+    if probe_only(cfg):
+        idle = [f'--{k} {cfg[k]}' for k in ('attn', 'mix', 'sampler') if cfg[k] is not None and str(cfg[k]).lower() != 'none']
+        if idle: raise UsageError(f"{', '.join(idle)}: a probe-only run (--probe {cfg['probe']} --epochs 0) trains the head on features of the "
+                                  f"frozen network computed once, so inserted attention (identity at insertion), mixing and samplers would do nothing: {_add_epochs}")
+    for k,lo in (('probe', 0), ('epochs', 0 if cfg['probe'] > 0 and cfg['pretrained'] else 1), ('size', 16), ('bs', 1)):
         if cfg[k] < lo: raise UsageError(f"--{k} must be at least {lo}, got {cfg[k]}")
     if not cfg['lr'] > 0: raise UsageError(f"--lr must be positive, got {cfg['lr']}")
     from fastcls.pretrained import check_pretrained
@@ -212,6 +225,8 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
     import fastcls.callback.checkpoint  # noqa: F401  (`Learner.resumable`, for --resume)
     import fastai.callback.channelslast  # noqa: F401  (`Learner.to_channelslast`)
     check_config(cfg)
+    if (teacher is not None or ema) and probe_only(cfg):
+        raise UsageError(f"--teacher and --ema act on training batches, which a probe-only run (--probe {cfg['probe']} --epochs 0) does not have: {_add_epochs}")
     df,aug = data_df(data, valid_pct, cfg['seed'], skip_bad)
     if out is not None: out = check_out(out)
     set_seed(cfg['seed'], reproducible=True)
@@ -256,14 +271,20 @@ def distill_cbs(dls, teacher=None, kd:float=0.9, ema:bool=False) -> list:
     return cbs
 
 def _train(learn, cfg):
-    if cfg['pretrained']: learn.fine_tune(cfg['epochs'], cfg['lr'])
-    else: learn.fit_one_cycle(cfg['epochs'], cfg['lr'])
+    "Pretrained: a cached linear probe (`probe` epochs) then `epochs` unfrozen ones, or fastai's `fine_tune` when `probe` is 0; else `fit_one_cycle`"
+    if not cfg['pretrained']: return learn.fit_one_cycle(cfg['epochs'], cfg['lr'])
+    if not cfg.get('probe'): return learn.fine_tune(cfg['epochs'], cfg['lr'])
+    import fastcls.ssl.learner  # noqa: F401  (Learner.linear_probe)
+    learn.linear_probe(cfg['probe'], cache=True)
+    if cfg['epochs']:
+        learn.train_bn = True; learn.unfreeze()
+        learn.fit_one_cycle(cfg['epochs'], slice(cfg['lr']/100, cfg['lr']))
 
 # %% ../../nbs/60_cli.core.ipynb #3352966f
 def summary(res:dict, out=None) -> str:
     "A human-readable summary of a run's results"
     c = res['config']
-    opts = ' '.join(f'{k}={c[k]}' for k in ('arch', 'attn', 'pool', 'head', 'loss', 'mix', 'sampler', 'epochs', 'lr',
+    opts = ' '.join(f'{k}={c[k]}' for k in ('arch', 'attn', 'pool', 'head', 'loss', 'mix', 'sampler', 'probe', 'epochs', 'lr',
                                             'size', 'bs', 'pretrained', 'seed') if k in c)
     lines = [f"fastcls train: {c['data']} ({c['n_train']} training, {c['n_valid']} validation images)", f"  {opts}",
              f"  accuracy           {res['accuracy']:.1%}   (majority class: {res['majority_accuracy']:.1%})",
@@ -277,14 +298,15 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           recipe:str=None, # a named set of options (see `recipes`); explicit options override it
           arch:str=None, # timm model name [tf_efficientnet_lite0]
           attn:str=None, # attention in the residual blocks: se, eca, cbam, coord, ... or none [none]
-          pool:str=None, # pooling: avg, max, avgmax, catavgmax [avg]
+          pool:str=None, # pooling: avg, max, avgmax, catavgmax [catavgmax]
           head:str=None, # classifier head: a name in `heads` (fastai, linear, arcface, ...) [fastai]
           loss:str=None, # loss: default (the head's own), or a name in `losses` (ce, wce: class-weighted ce, focal, ldam, ...) [ce]
           mix:str=None, # mixing augmentation: none, mixup, cutmix, cutmixup [none]
           sampler:str=None, # training sampler: none, or a name in `samplers` (class_balanced, sqrt, progressive, ...) [none]
-          epochs:int=None, # training epochs (after one frozen epoch when pretrained) [4]
-          lr:float=None, # peak learning rate of the one-cycle schedule [2e-3]
-          size:int=None, # image size in pixels [128]
+          probe:int=None, # pretrained: epochs of a linear probe on features of the frozen network computed once; 0: fastai's fine_tune (one frozen epoch, then --epochs) [10]
+          epochs:int=None, # training epochs, unfrozen (after the probe or the frozen epoch when pretrained) [0 after a probe]
+          lr:float=None, # peak learning rate of the one-cycle schedule of the unfrozen epochs [2e-3]
+          size:int=None, # image size in pixels [300]
           bs:int=None, # batch size [32]
           pretrained:Annotated[str, dict(nargs='?', const='true', metavar='SOURCE')]=None, # weights to fine-tune: a source from `fastcls weights`, a checkpoint file or timm folder, the encoder folder written by `fastcls pretrain`, 'hub', or 'none' for random init; bare --pretrained: the arch's installed source, else timm's hub [true]
           seed:int=None, # random seed (split of folders/CSVs without one, initialisation, batches) [42]
@@ -298,7 +320,7 @@ def train(data:str='elpv', # built-in dataset (elpv, digits, digits_lt), a folde
           ema:bool=False, # keep an EMA of the weights (timm ModelEmaV3, decay 0.9998, warm-up); report and export the EMA model
          ):
     "Train a classifier and write metrics, plots and the model to `out`"
-    cfg = run_config(recipe, arch=arch, attn=attn, pool=pool, head=head, loss=loss, mix=mix, sampler=sampler, epochs=epochs,
+    cfg = run_config(recipe, arch=arch, attn=attn, pool=pool, head=head, loss=loss, mix=mix, sampler=sampler, probe=probe, epochs=epochs,
                      lr=lr, size=size, bs=bs, pretrained=pretrained_value(pretrained), seed=seed)
     if out is None: out = Path('runs')/f"{Path(str(data)).stem}-{cfg['arch']}{'-'+cfg['attn'] if cfg['attn'] else ''}"
     if resume and not (Path(out)/'checkpoints'/'last.pth').is_file(): raise UsageError(f"--resume: no checkpoint in {out}/checkpoints to resume from")

@@ -19,7 +19,7 @@ from .methods import ssl_methods, MoCoV2, DINO
 
 # %% auto #0
 __all__ = ['SSLEncoder', 'CollapseWarning', 'KNNAccuracy', 'knn_predict', 'EmbStd', 'ssl_learner', 'is_ssl_source', 'ssl_state',
-           'ssl_body']
+           'ssl_body', 'pooled_features']
 
 # %% ../../nbs/28_ssl.learner.ipynb #08cd4f5f
 class SSLEncoder(nn.Module):
@@ -210,9 +210,36 @@ class _FrozenBodyEval(Callback):
     def before_batch(self):
         if self.training: self.learn.model[0].eval()
 
+def pooled_features(learn:Learner, dl) -> tuple:
+    "(pooled body features, targets) of every item of `dl`: the input of the layer after a `cls_learner`'s pooling, model in eval mode"
+    from fastcls.models import _classifier
+    try: clf = _classifier(learn.model)[1]
+    except ValueError: raise ValueError("pooled features need a `cls_learner` model: nn.Sequential(body, nn.Sequential(pool, classifier)), "
+                                        f"not {type(learn.model).__name__}") from None
+    feats = []
+    h = clf.register_forward_hook(lambda m,i,o: feats.append(i[0].detach()))
+    try: _,targs = learn.get_preds(dl=dl)
+    finally: h.remove()
+    return torch.cat(feats).float(),targs
+
+def _fit_on_features(learn, epochs, lr, bs):
+    "Train the layers after the pooling on features computed once (training images with the validation transforms)"
+    from fastcls.models import _classifier
+    trn = learn.dls.test_dl(learn.dls.train_ds.items, with_labels=True, bs=learn.dls.valid.bs)
+    (xt,yt),(xv,yv) = pooled_features(learn, trn),pooled_features(learn, learn.dls.valid)
+    fdls = DataLoaders.from_dsets(list(zip(xt, yt)), list(zip(xv, yv)), bs=bs, device=learn.dls.device,
+                                  drop_last=(len(xt) > bs, False))  # a partial last batch only when it is the only one
+    head = nn.Sequential(*list(_classifier(learn.model))[1:])  # the same modules: training them trains the learner's head
+    flearn = Learner(fdls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, wd=learn.wd, metrics=learn.metrics)
+    flearn.logger = learn.logger
+    with flearn.no_bar(): flearn.fit_one_cycle(epochs, lr)
+    if hasattr(learn, 'n_steps'): learn.n_steps += flearn.train_iter  # optimizer steps on the learner's own head
+
 @patch
 def linear_probe(self:Learner, epochs:int, # epochs of the linear classifier
                  lr:float=1e-2, dls:DataLoaders|None=None, # labelled data: needed when `self` is an `ssl_learner`
+                 cache:bool=False, # compute the features once (no augmentation) and train on them: an epoch takes a fraction of a second
+                 bs:int=64, # batch size of the cached features
                  **kwargs) -> Learner: # `cls_learner` arguments when `self` is an `ssl_learner`
     "Train a linear classifier on the frozen encoder (BatchNorm statistics included); returns the classifier's learner"
     if hasattr(self, 'ssl_config'):
@@ -222,6 +249,9 @@ def linear_probe(self:Learner, epochs:int, # epochs of the linear classifier
     else: learn = self
     learn.train_bn = False
     learn.create_opt(); learn.freeze()
+    if cache:
+        _fit_on_features(learn, epochs, lr, bs)
+        return learn
     cb = _FrozenBodyEval()
     learn.add_cb(cb)
     try: learn.fit_one_cycle(epochs, lr)
