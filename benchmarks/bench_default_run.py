@@ -40,7 +40,8 @@ if a.table:
         if c.get('probe_epochs'):
             sched = f"probe {c['probe_epochs']}{' cached' if c.get('probe_cache') else ' (augmented)'}" + (f" + {c['epochs']} unfrozen" if c['epochs'] else '')
         else: sched = f"fine_tune {c['freeze_epochs']} + {c['epochs']}"
-        print(f"| {c['size']} | {sched} | {c.get('head', 'fastai')}, {c.get('pool', 'avg')} | {(str(c['probe_lr']) + (f" then {c['lr']}" if c['epochs'] else '')) if c.get('probe_epochs') else c['lr']} | {c['loss']} | {cl} | "
+        lr = (f"{c['probe_lr']} then {c['lr']}" if c['epochs'] else str(c['probe_lr'])) if c.get('probe_epochs') else c['lr']
+        print(f"| {c['size']} | {sched} | {c.get('head', 'fastai')}, {c.get('pool', 'avg')} | {lr} | {c['loss']} | {cl} | "
               f"{r['plain']['top1']} / {r['plain']['balanced']} | {' / '.join(f'{x:.2f}' for x in r['plain']['recalls'])} | {tta} | "
               f"{la['top1']} / {la['balanced']}{' (TTA)' if k == 'tta' else ''} | {c['seed']} | {r['train_s']:.0f} ({r['train_cpu_s']:.0f}) |")
     raise SystemExit

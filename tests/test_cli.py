@@ -157,8 +157,9 @@ def test_default_probe(folder, tmp_path):
     from fastcls.weights import load_cls_learner
     out = tmp_path/'probe'
     assert main(['train', '--data', str(folder), '--out', str(out), *PRETRAINED_TINY]) == 0
-    cfg = json.loads((out/'metrics.json').read_text())['config']
+    metrics = json.loads((out/'metrics.json').read_text()); cfg = metrics['config']
     assert (cfg['probe'], cfg['epochs'], cfg['head'], cfg['pool']) == (10, 0, 'fastai', 'catavgmax')
+    assert len(metrics['history']) == 10 and 'valid_loss' in metrics['history'][0]  # the report's epochs are the probe's
     learn = load_cls_learner(out)
     ref = pretrained_timm('tf_efficientnet_lite0').state_dict()
     body = learn.model[0].model.state_dict()

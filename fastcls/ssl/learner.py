@@ -234,6 +234,8 @@ def _fit_on_features(learn, epochs, lr, bs):
     flearn.logger = learn.logger
     with flearn.no_bar(): flearn.fit_one_cycle(epochs, lr)
     if hasattr(learn, 'n_steps'): learn.n_steps += flearn.train_iter  # optimizer steps on the learner's own head
+    if hasattr(learn, 'recorder'):  # the learner's history is the probe's (its own get_preds above left records of no fit)
+        for k in ('values', 'losses', 'lrs', 'iters', 'metric_names'): setattr(learn.recorder, k, getattr(flearn.recorder, k))
 
 @patch
 def linear_probe(self:Learner, epochs:int, # epochs of the linear classifier
