@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools, time
 from pathlib import Path
 import pandas as pd
-from .core import UsageError, train_defaults, run_config, check_config, check_out, fit
+from .core import UsageError, train_defaults, run_config, check_config, check_out, fit, pretrained_value
 from .report import comparison_html
 
 # %% auto #0
@@ -19,9 +19,10 @@ def _typed(key:str, v):
     if key not in train_defaults and key != 'recipe':
         raise UsageError(f"unknown grid key {key!r}; valid: recipe, {', '.join(train_defaults)}")
     d = train_defaults.get(key)
+    if key == 'pretrained': return pretrained_value(v)  # a source name or a path stays a string (not bool('runs/ssl'))
     if not isinstance(v, str) or key == 'recipe' or d is None or isinstance(d, str): return v
     try: return {bool: lambda s: s.lower() in ('1', 'true', 'yes'), int: int, float: float}[type(d)](v)
-    except ValueError: raise UsageError(f"grid value {v!r} of {key} is not a {type(d).__name__}") from None
+    except ValueError: raise UsageError(f"grid value {v!r} of {key} is not {dict(bool='true/false', int='an integer', float='a number')[type(d).__name__]}") from None
 
 def parse_grid(grid:str) -> dict:
     "`'attn=none,se;mix=none,mixup'` -> `{'attn': ['none', 'se'], 'mix': ['none', 'mixup']}`"
