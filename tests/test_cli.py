@@ -187,6 +187,20 @@ def test_resume(trained, folder, tmp_path):
     r = fastcls('train', '--data', folder, '--out', tmp_path/'fresh', *TINY, '--resume')
     assert r.returncode == 2 and 'no checkpoint' in r.stderr and 'Traceback' not in r.stderr
 
+def test_resume_after_probe_skips_it(folder, tmp_path, monkeypatch):
+    "--resume of a probe + unfrozen-epochs run reads the probed head from the checkpoint instead of probing again; same model"
+    from fastai.learner import Learner
+    import fastcls.ssl.learner  # noqa: F401  (Learner.linear_probe)
+    out,opts = tmp_path/'lpft',['--data', str(folder), *PRETRAINED_TINY, '--probe', '2', '--epochs', '1']
+    assert main(['train', '--out', str(out), *opts]) == 0
+    before = load_file(str(out/'model.safetensors'))
+    def no_probe(self, *args, **kwargs): raise AssertionError('the probe ran again on --resume')
+    monkeypatch.setattr(Learner, 'linear_probe', no_probe)
+    assert main(['train', '--out', str(out), *opts, '--resume']) == 0
+    after = load_file(str(out/'model.safetensors'))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(AssertionError, match='probe ran again'): main(['train', '--out', str(tmp_path/'fresh'), *opts])  # a fresh run probes
+
 def test_relative_data_paths(folder, tmp_path, monkeypatch):
     "--data as a path relative to the working directory (folder or CSV with relative paths): the DataLoaders find the images"
     shutil.copytree(folder, tmp_path/'imgs')

@@ -229,6 +229,7 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
         raise UsageError(f"--teacher and --ema act on training batches, which a probe-only run (--probe {cfg['probe']} --epochs 0) does not have: {_add_epochs}")
     df,aug = data_df(data, valid_pct, cfg['seed'], skip_bad)
     if out is not None: out = check_out(out)
+    resumed = resume and checkpoint and out is not None and (out/'checkpoints'/'last.pth').is_file()
     set_seed(cfg['seed'], reproducible=True)
     dls = _with_sampler(cfg['sampler'], make_dls(df, cfg['size'], cfg['bs'], cfg['seed'], aug), cfg['epochs'], cfg['seed'])
     mix = mixes[cfg['mix']]()
@@ -242,8 +243,8 @@ def fit(cfg:dict, data:str='elpv', out=None, quiet:bool=False, skip_bad:bool=Fal
         warnings.filterwarnings('ignore', message='.*upsample.*|.*lr_find.*')
         with learn.resumable(Path(out)/'checkpoints', resume=resume) if out is not None and checkpoint else contextlib.nullcontext():
             if quiet:
-                with learn.no_bar(), learn.no_logging(): _train(learn, cfg)
-            else: _train(learn, cfg)
+                with learn.no_bar(), learn.no_logging(): _train(learn, cfg, resumed)
+            else: _train(learn, cfg, resumed)
     wall = round(time.time() - start, 1)
     if mix is not None: learn.remove_cb(mix)
     for cb in extra:
@@ -270,12 +271,12 @@ def distill_cbs(dls, teacher=None, kd:float=0.9, ema:bool=False) -> list:
     if ema: cbs.append(EMA())
     return cbs
 
-def _train(learn, cfg):
-    "Pretrained: a cached linear probe (`probe` epochs) then `epochs` unfrozen ones, or fastai's `fine_tune` when `probe` is 0; else `fit_one_cycle`"
+def _train(learn, cfg, resumed:bool=False):
+    "Pretrained: a cached linear probe (`probe` epochs) then `epochs` unfrozen ones (`resumed` from their checkpoint: no probe again), or fastai's `fine_tune` when `probe` is 0; else `fit_one_cycle`"
     if not cfg['pretrained']: return learn.fit_one_cycle(cfg['epochs'], cfg['lr'])
     if not cfg.get('probe'): return learn.fine_tune(cfg['epochs'], cfg['lr'])
     import fastcls.ssl.learner  # noqa: F401  (Learner.linear_probe)
-    learn.linear_probe(cfg['probe'], cache=True)
+    if not (resumed and cfg['epochs']): learn.linear_probe(cfg['probe'], cache=True)  # resumed: the checkpoint holds the probed head
     if cfg['epochs']:
         learn.train_bn = True; learn.unfreeze()
         learn.fit_one_cycle(cfg['epochs'], slice(cfg['lr']/100, cfg['lr']))
