@@ -17,6 +17,7 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import to_device
 from fastcore.basics import store_attr, fastuple
 from ..core import Registry
+from .checkpoint import get_rng_states, set_rng_states
 from ..data.samplers import _train_labels
 
 # %% auto #0
@@ -219,10 +220,12 @@ class KDCallback(Callback, _BatchIdxs):
         ds = dl.dataset
         sized = _at_size(dl, self.tsize) if self.tsize is not None else None
         kw = dict(after_item=sized) if sized is not None else {}  # decoded at the teacher's size, not the student's batch upsampled
-        out = []
-        with ds.set_split_idx(1), torch.no_grad():
-            for b in dl.new(shuffle=False, drop_last=False, bs=max(dl.bs, 64), get_idxs=lambda: list(range(len(ds))), **kw): out.append(self._teacher_forward(b[0]).float())
-        return torch.cat(out)
+        out,rng = [],get_rng_states()  # the pass draws no random numbers of the fit: it trains as with logits given beforehand
+        try:
+            with ds.set_split_idx(1), torch.no_grad():
+                for b in dl.new(shuffle=False, drop_last=False, bs=max(dl.bs, 64), get_idxs=lambda: list(range(len(ds))), **kw): out.append(self._teacher_forward(b[0]).float())
+        finally: set_rng_states(rng)
+        return torch.cat(out).as_subclass(torch.Tensor)  # a plain tensor: `torch.save`/`torch.load(weights_only=True)` work on it
 
     def _setup_hooks(self, dev):
         smods = [find_stage(self.model, s) for s,_ in self.layers]
