@@ -17,6 +17,9 @@ logit-adjusted CE (Menon et al., τ=1; the control for a `--teacher-loss logit_a
 `kd_la`: +KD as above with logit-adjusted CE as the task term (not in the default rows). Also: inference latency (batch 1 and 32, CPU),
 the median training step of a student alone / with cached teacher logits / with the teacher run on every batch / with EMA, the
 one-off cache pass, and EMA's own update time as a share of a student step. One JSON line per result is appended to `--out`.
+The cached rows (kd, kd_la, dist) reuse the teacher's logits of the training items that the first of them saved in
+`--teacher-dir` (`train_logits.pt`; `cache_reused` in the row): their wall seconds then exclude the one-off fill, which the
+`steps` line times.
 """
 import argparse, json, time, types, warnings, statistics
 from pathlib import Path
@@ -57,9 +60,25 @@ def teacher(a):
                **(dict(probe=a.teacher_probe, head=a.teacher_head, pool=a.teacher_pool) if a.teacher_probe else {}))
     learn.loss_func = CrossEntropyLossFlat()
     learn.save_weights(d); (d/'scores.json').write_text(json.dumps(res))
+    cache_file(a).unlink(missing_ok=True)  # logits of an earlier teacher
     return load_cls_learner(d), res
 
 def student_dls(a): return elpv_dls(size=a.size, bs=a.bs)
+
+def cache_file(a): return Path(a.teacher_dir)/'train_logits.pt'
+
+def reuse_cache(a, cbs):
+    """Give the cached `KDCallback`s in `cbs` the teacher's logits of the training items saved in `--teacher-dir` by an earlier row:
+    they depend only on the teacher and the items (validation transforms, the teacher's size), not on the student or the seed.
+    The one-off fill is timed by `step_times`. Returns whether a saved cache was used"""
+    kds = [cb for cb in cbs if isinstance(cb, KDCallback) and cb.cache]
+    if not kds or not cache_file(a).exists(): return False
+    for cb in kds: cb.cached = torch.load(cache_file(a))
+    return True
+
+def save_cache(a, cbs):
+    for cb in cbs:
+        if isinstance(cb, KDCallback) and cb.cached is not None and not cache_file(a).exists(): torch.save(cb.cached.as_subclass(torch.Tensor), cache_file(a))  # a plain tensor: `torch.load` with weights_only
 
 def stage(model, reduction):
     return [f['module'] for f in model[0].model.feature_info if f['reduction'] == reduction][0]
@@ -68,7 +87,7 @@ def run(a, arch, row, t):
     set_seed(a.seed)
     dls = student_dls(a)
     loss,cbs = None,[]
-    if row == 'kd': cbs = [KDCallback(t, T=4., alpha=.9, cache=True)]
+    if row == 'kd': cbs = [KDCallback(t, T=a.kd_T, alpha=a.kd_alpha, cache=True)]
     elif row == 'kd_la': cbs,loss = [KDCallback(t, T=4., alpha=.9, cache=True)],losses['logit_adjusted'](dls)  # KD whose task term is logit-adjusted CE
     elif row == 'kd_live': cbs = [KDCallback(t, T=2., alpha=.5)]
     elif row == 'dist': cbs = [KDCallback(t, T=1., alpha=.5, loss={'dist': 2.}, cache=True)]
@@ -81,13 +100,17 @@ def run(a, arch, row, t):
     learn = cls_learner(dls, arch, pretrained=False, metrics=accuracy, loss_func=loss)
     if row == 'at': cbs = [KDCallback(t, alpha=.5, loss={'at': 2000.}, layers=[(stage(learn.model, 16), stage(t.model, 32))])]
     learn.add_cbs(cbs)  # kept after the fit: `ema_weights` needs the EMA callback
+    reused = reuse_cache(a, cbs)
     start = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.epochs, a.lr)
     wall = round(time.time() - start, 1)
+    save_cache(a, cbs)
     if row == 'ema':
         with learn.ema_weights(): sc = scores(learn)
     else: sc = scores(learn)
-    return dict(kind='row', arch=arch, row=row, **sc, wall=wall, epochs=a.epochs, size=a.size, seed=a.seed)
+    return dict(kind='row', arch=arch, row=row, **sc, wall=wall, epochs=a.epochs, size=a.size, seed=a.seed,
+                **(dict(cache_reused=reused) if any(isinstance(cb, KDCallback) and cb.cache for cb in cbs) else {}),
+                **(dict(T=a.kd_T, alpha=a.kd_alpha) if row == 'kd' and (a.kd_T, a.kd_alpha) != (4., .9) else {}))
 
 @torch.inference_mode()
 def latency(model, size, bs, n=20):
@@ -183,6 +206,24 @@ def table(files):
         print(f'| {nm} | ' + ' | '.join(cells) + ' |')
     for r in rows:
         if r['kind'] in ('latency', 'steps'): print(json.dumps(r))
+    seeds_table(rows, names)
+
+def seeds_table(rows, names):
+    "Where a row ran with more than one seed: per seed, mean ± sd, and the balanced-accuracy gain over `alone` of the same seed (the last run of each)"
+    rows = [dict(r, row=f"kd_T{r['T']:g}_a{r['alpha']:g}") if 'alpha' in r else r for r in rows]
+    names = {**names, **{r['row']: f"+ KD (T={r['T']:g}, α={r['alpha']:g}, cached)" for r in rows if 'alpha' in r}}
+    last = {(r['arch'], r['row'], r.get('seed', 42)): r for r in rows if r['kind'] == 'row'}
+    fmt = lambda v: f'{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}'
+    print('\n| student, row | seeds | top-1 | balanced | mean top-1 ± sd | mean balanced ± sd | balanced gain per seed (mean) |\n|---|---|---|---|---|---|---|')
+    for arch in sorted({k[0] for k in last}):
+        for row in names:
+            seeds = [k[2] for k in last if k[:2] == (arch, row)]
+            if len(seeds) < 2: continue
+            rs = [last[arch, row, s] for s in seeds]
+            t1,ba = [r['top1'] for r in rs],[r['balanced'] for r in rs]
+            gain = [last[arch, row, s]['balanced'] - last[arch, 'alone', s]['balanced'] for s in seeds if (arch, 'alone', s) in last]
+            g = ' / '.join(f'{x:+.1f}' for x in gain) + f' ({statistics.mean(gain):+.2f})' if gain and row != 'alone' else '–'
+            print(f"| {arch} {names[row]} | {' / '.join(map(str, seeds))} | {' / '.join(map(str, t1))} | {' / '.join(map(str, ba))} | {fmt(t1)} | {fmt(ba)} | {g} |")
 
 def main():
     p = argparse.ArgumentParser()
@@ -196,6 +237,7 @@ def main():
     p.add_argument('--teacher-loss', default='wce', help="a `fastcls.losses.longtail.losses` name ('wce': CE weighted (n_max/n_c)^0.5)")
     p.add_argument('--bs', type=int, default=32); p.add_argument('--seed', type=int, default=42)
     p.add_argument('--skip-timing', action='store_true'); p.add_argument('--micro', action='store_true')
+    p.add_argument('--kd-T', type=float, default=4.); p.add_argument('--kd-alpha', type=float, default=.9, help='T and α of the `kd` row')
     a = p.parse_args()
     if a.table is not None: return table(a.table)
     torch.set_num_threads(2)

@@ -2,7 +2,9 @@
 
 Same learner (resnet18 from scratch, as `fastcls train` builds it; 96 px; exported and reloaded with `load_learner`, as
 the CLI does), the 656 ELPV validation images of the published split. Reports seconds and the ratio, and checks that both
-give the same labels. Also times `predict_files(tta=True)` (flip + four corner crops).
+give the same labels. Also times `predict_files(tta=True)` (flip + four corner crops), and the same model exported with
+`export_onnx` and run by onnxruntime (`OnnxClassifier.predict_files`, the path of `fastcls predict --model model.onnx`:
+Pillow decodes and resizes each file once, no torch).
 
     flock /tmp/fastcls-cpu.lock python benchmarks/bench_predict.py [--size 96] [--bs 64] [--n 656]
 """
@@ -14,7 +16,8 @@ from fastai.vision.core import PILImage
 from fastcls.cli.core import make_dls
 from fastcls.data.datasets import elpv_df
 from fastcls.learner import cls_learner
-import fastcls.predict  # noqa: F401
+import fastcls.predict, fastcls.onnx  # noqa: F401
+from fastcls.runtime import OnnxClassifier
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,10 +35,14 @@ def main():
         t = time.perf_counter(); loop = [str(learn.predict(PILImage.create(f))[0]) for f in files]; t_loop = time.perf_counter() - t
         t = time.perf_counter(); res = learn.predict_files(files, bs=a.bs); t_batch = time.perf_counter() - t
         t = time.perf_counter(); learn.predict_files(files, bs=a.bs, tta=True); t_tta = time.perf_counter() - t
+    learn.export_onnx(d/'model.onnx'); clf = OnnxClassifier(d/'model.onnx')
+    clf.predict_files(files[:a.bs], bs=a.bs)  # warm-up
+    t = time.perf_counter(); ores = clf.predict_files(files, bs=a.bs); t_onnx = time.perf_counter() - t
     same = float(np.mean(np.array(loop) == res.label.values))
     print(f"one-image loop (old fastcls predict) : {t_loop:7.2f} s  ({len(files)/t_loop:6.1f} img/s)")
     print(f"predict_files bs={a.bs:<3}               : {t_batch:7.2f} s  ({len(files)/t_batch:6.1f} img/s)  speed-up {t_loop/t_batch:.1f}x")
     print(f"predict_files tta=True (6 passes)    : {t_tta:7.2f} s  ({t_tta/t_batch:.1f}x the plain batch run)")
-    print(f"same labels: {same:.1%}")
+    print(f"ONNX Runtime predict_files bs={a.bs:<3}  : {t_onnx:7.2f} s  ({len(files)/t_onnx:6.1f} img/s)  speed-up {t_loop/t_onnx:.1f}x")
+    print(f"same labels: predict_files {same:.1%}, ONNX Runtime {np.mean(np.array(loop) == ores.label.values):.1%}")
 
 if __name__ == '__main__': main()
