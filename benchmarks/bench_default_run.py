@@ -9,6 +9,8 @@ on the reported set would be optimistic), plus the training wall seconds and CPU
 """
 import argparse, time, json, os, warnings
 import numpy as np, torch
+from torch import nn
+from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 from fastcls.cli.core import make_dls, loss_from_name, _with_sampler
 from fastcls.data.datasets import elpv_df
@@ -20,11 +22,12 @@ p.add_argument('--arch', default='tf_efficientnet_lite0'); p.add_argument('--pre
 p.add_argument('--size', type=int, default=128); p.add_argument('--bs', type=int, default=32)
 p.add_argument('--epochs', type=int, default=4); p.add_argument('--freeze-epochs', type=int, default=1)
 p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--loss', default='ce'); p.add_argument('--sampler', default='none')
-p.add_argument('--aug', default='basic', choices=['basic', 'dihedral']); p.add_argument('--tta', action='store_true')
+p.add_argument('--aug', default='basic', choices=['basic', 'dihedral', 'flips'], help="'flips': only the 8 flips/90° rotations (fastai `Dihedral`), no zoom, warp or lighting"); p.add_argument('--tta', action='store_true')
 p.add_argument('--seed', type=int, default=42); p.add_argument('--threads', type=int, default=2)
 p.add_argument('--head', default='fastai'); p.add_argument('--pool', default='avg')
 p.add_argument('--probe-epochs', type=int, default=0, help='LP-FT: `linear_probe` this many epochs (frozen body in eval mode) before `--epochs` unfrozen ones')
 p.add_argument('--probe-lr', type=float, default=1e-2)
+p.add_argument('--bn-eval', action='store_true', help='LP-FT: the BatchNorm layers stay in eval mode in the unfrozen epochs (the statistics the probe saw)')
 p.add_argument('--probe-cache', action='store_true', help='`linear_probe(cache=True)`: features computed once, without augmentation')
 p.add_argument('--no-channels-last', action='store_true', help="keep PyTorch's default memory format (fastcls train uses channels-last on the CPU)")
 p.add_argument('--table', help='print the markdown table of a JSON-lines file of earlier runs and exit')
@@ -39,6 +42,7 @@ if a.table:
         la = r[f'{k}+la1.0']
         if c.get('probe_epochs'):
             sched = f"probe {c['probe_epochs']}{' cached' if c.get('probe_cache') else ' (augmented)'}" + (f" + {c['epochs']} unfrozen" if c['epochs'] else '')
+            sched += (' (BatchNorm in eval mode' + (', flips and 90° rotations only)' if c.get('aug') == 'flips' else ')')) if c.get('bn_eval') else ''
         else: sched = f"fine_tune {c['freeze_epochs']} + {c['epochs']}"
         lr = (f"{c['probe_lr']} then {c['lr']}" if c['epochs'] else str(c['probe_lr'])) if c.get('probe_epochs') else c['lr']
         print(f"| {c['size']} | {sched} | {c.get('head', 'fastai')}, {c.get('pool', 'avg')} | {lr} | {c['loss']} | {cl} | "
@@ -48,6 +52,13 @@ if a.table:
 torch.set_num_threads(a.threads)
 warnings.filterwarnings('ignore')
 
+class BnEval(Callback):
+    "BatchNorm layers in eval mode while training: their running statistics stay those the probe's features were computed with"
+    order = 1  # after TrainEvalCallback has put the model in training mode
+    def before_train(self):
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+
 def scores(probs, y, n):
     pred = probs.argmax(1)
     rec = [float((pred[y == c] == c).float().mean()) for c in range(n)]
@@ -55,7 +66,10 @@ def scores(probs, y, n):
 
 set_seed(a.seed, reproducible=True)
 df = elpv_df()
-dls = make_dls(df, a.size, a.bs, a.seed, aug='dihedral' if a.aug == 'dihedral' else True)
+dls = make_dls(df, a.size, a.bs, a.seed, aug={'dihedral': 'dihedral', 'flips': False}.get(a.aug, True))
+if a.aug == 'flips':
+    from fastai.vision.augment import Dihedral
+    dls.train.after_batch.add(Dihedral(p=1.))
 dls = _with_sampler(a.sampler, dls, a.epochs + a.freeze_epochs, a.seed)
 pre = {'true': True, 'false': False}.get(a.pretrained.lower(), a.pretrained)
 learn = cls_learner(dls, a.arch, pretrained=pre, loss_func=loss_from_name(a.loss, dls), head=a.head, pool=a.pool)
@@ -68,7 +82,9 @@ with learn.no_bar(), learn.no_logging():
     if a.probe_epochs:
         import fastcls.ssl.learner  # noqa: F401  (Learner.linear_probe)
         learn.linear_probe(a.probe_epochs, a.probe_lr, cache=a.probe_cache)
-        if a.epochs: learn.train_bn = True; learn.unfreeze(); learn.fit_one_cycle(a.epochs, slice(a.lr/100, a.lr))
+        if a.epochs:
+            learn.train_bn = not a.bn_eval; learn.unfreeze()
+            learn.fit_one_cycle(a.epochs, slice(a.lr/100, a.lr), cbs=BnEval() if a.bn_eval else None)
     elif pre: learn.fine_tune(a.epochs, a.lr, freeze_epochs=a.freeze_epochs)
     else: learn.fit_one_cycle(a.epochs, a.lr)
 train_s,train_cpu = time.time() - start,cpu() - cpu0
