@@ -9,9 +9,9 @@ on the reported set would be optimistic), plus the training wall seconds and CPU
 """
 import argparse, time, json, os, warnings
 import numpy as np, torch
-from torch import nn
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
+from fastai.callback.training import bn_types
 from fastcls.cli.core import make_dls, loss_from_name, _with_sampler
 from fastcls.data.datasets import elpv_df
 from fastcls.learner import cls_learner
@@ -57,7 +57,7 @@ class BnEval(Callback):
     order = 1  # after TrainEvalCallback has put the model in training mode
     def before_train(self):
         for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+            if isinstance(m, bn_types): m.eval()
 
 def scores(probs, y, n):
     pred = probs.argmax(1)

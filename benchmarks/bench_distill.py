@@ -78,7 +78,7 @@ def reuse_cache(a, cbs):
 
 def save_cache(a, cbs):
     for cb in cbs:
-        if isinstance(cb, KDCallback) and cb.cached is not None and not cache_file(a).exists(): torch.save(cb.cached.as_subclass(torch.Tensor), cache_file(a))  # a plain tensor: `torch.load` with weights_only
+        if isinstance(cb, KDCallback) and cb.cached is not None and not cache_file(a).exists(): torch.save(cb.cached, cache_file(a))
 
 def stage(model, reduction):
     return [f['module'] for f in model[0].model.feature_info if f['reduction'] == reduction][0]
