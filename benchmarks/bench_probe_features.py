@@ -1,6 +1,7 @@
 """Variants of the default run's cached probe (issue 19): multi-stage features, bigger EfficientNet-Lites, class-balanced sampling.
 
     flock /tmp/fastcls-cpu.lock env PYTHONPATH=. python benchmarks/bench_probe_features.py --out benchmarks/default_run/probe_features.jsonl
+    flock /tmp/fastcls-cpu.lock env PYTHONPATH=. python benchmarks/bench_probe_features.py --archs tf_efficientnet_lite0 --samplers instance --size 448 --out benchmarks/default_run/probe_features.jsonl
     python benchmarks/bench_probe_features.py --table benchmarks/default_run/probe_features.jsonl
 
 The default run (`fastcls train`, BENCHMARKS.md §8) trains fastai's head 10 epochs (lr 1e-2, batches of 64, CE) on the
@@ -9,7 +10,9 @@ catavgmax-pooled features of the frozen ImageNet tf_efficientnet_lite0 at 300 px
 ELPV published split, `--size` px) through the frozen network once, keeping the head's input (`last`: the last stage after
 `conv_head`, catavgmax-pooled, exactly what the cached probe trains on) and the catavgmax-pooled outputs of the stride-16 (`s16`) and
 stride-8 (`s8`) stages. Then, per feature set, per sampler and per seed, it trains the same head the same way and scores the
-validation cells (top-1, balanced accuracy, recalls; also after post-hoc logit adjustment τ = 1). Feature sets: `last` (the default
+validation cells (top-1, balanced accuracy, recalls; also after post-hoc logit adjustment τ = 1, and with the ordinal median
+decision: the classes are ordered defect probabilities, and the median class of the predicted distribution is the choice of least
+expected class distance). Feature sets: `last` (the default
 run, reproduced), `last+s16`, `last+s16+s8`, and the `last` features of all `--archs` concatenated. Samplers: `instance` (the
 default: every cell once per epoch) and `class_balanced` (cRT's sampler: each class drawn equally often, fastcls's `ClassSamplerDL`
 with q = 0, the same number of draws per epoch). One JSON line per (backbone, feature set, sampler, seed) is appended to `--out`;
@@ -52,10 +55,16 @@ def extract(arch, size, seed):
         res[split] = {k: torch.cat(v) for k,v in feats.items()}, y
     return res, round(time.time() - t0, 1), list(dls.vocab)
 
+def argmax(logits): return logits.argmax(1)
+def ordinal_median(logits):
+    "The median class of the predicted distribution: the classes are ordered (defect probability 0, 1/3, 2/3, 1), and the median is the decision of least expected |class distance|"
+    return (logits.softmax(1).cumsum(1) < 0.5).sum(1).clamp(max=logits.shape[1] - 1)
+
 def scores(logits, y, prior):
     out = {}
-    for k,lg in (('plain', logits), ('la', logits.log_softmax(1) - prior.log())):
-        pred = lg.argmax(1)
+    la = logits.log_softmax(1) - prior.log()
+    for k,lg,decide in (('plain', logits, argmax), ('la', la, argmax), ('median', logits, ordinal_median), ('la_median', la, ordinal_median)):
+        pred = decide(lg)
         rec = [float((pred[y == c] == c).float().mean()) for c in range(len(prior))]
         out[k] = dict(top1=round(100*float((pred == y).float().mean()), 1), balanced=round(100*float(np.mean(rec)), 1),
                       recalls=[round(r, 2) for r in rec])
@@ -77,16 +86,17 @@ def table(files):
     rows = [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
     for r in rows:
         if r['kind'] == 'features': print(f"features of {r['arch']} at {r['size']} px: {r['seconds']} s for train + valid")
-    print('\n| backbone | features | dims | sampler | top-1 / balanced (seeds 42, 1, 2 mean ± sd) | recalls (mean) | + post-hoc LA τ=1 | LA recalls (mean) |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('\n| backbone | size | features | dims | sampler | top-1 / balanced (seeds 42, 1, 2 mean ± sd) | recalls (mean) | + post-hoc LA τ=1 | LA recalls (mean) | ordinal median | LA + ordinal median |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     groups = {}
     for r in rows:
-        if r['kind'] == 'probe': groups.setdefault((r['arch'], r['features'], r['sampler']), []).append(r)
+        if r['kind'] == 'probe': groups.setdefault((r['arch'], r.get('size', 300), r['features'], r['sampler']), []).append(r)
     ms = lambda v: f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
-    for (arch, fs, smp), rs in groups.items():
+    for (arch, size, fs, smp), rs in groups.items():
         cell = lambda k: f"{ms([r[k]['top1'] for r in rs])} / {ms([r[k]['balanced'] for r in rs])}"
         rec = lambda k: ' / '.join(f'{x:.2f}' for x in np.mean([r[k]['recalls'] for r in rs], 0))
-        print(f"| {arch} | {fs} | {rs[0]['dims']} | {smp} | {cell('plain')} | {rec('plain')} | {cell('la')} | {rec('la')} |")
+        opt = lambda k: cell(k) if k in rs[0] else '–'
+        print(f"| {arch} | {size} | {fs} | {rs[0]['dims']} | {smp} | {cell('plain')} | {rec('plain')} | {cell('la')} | {rec('la')} | {opt('median')} | {opt('la_median')} |")
 
 def main():
     p = argparse.ArgumentParser()
