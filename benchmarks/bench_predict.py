@@ -1,12 +1,16 @@
 """Batch prediction (`learn.predict_files`) vs the one-image `learn.predict` loop of the old `fastcls predict`, one process.
 
-Same learner (resnet18 from scratch, as `fastcls train` builds it; 96 px; exported and reloaded with `load_learner`, as
+Same learner (`--arch`, resnet18 by default, from scratch, as `fastcls train` builds it; 96 px; exported and reloaded with `load_learner`, as
 the CLI does), the 656 ELPV validation images of the published split. Reports seconds and the ratio, and checks that both
 give the same labels. Also times `predict_files(tta=True)` (flip + four corner crops), and the same model exported with
-`export_onnx` and run by onnxruntime (`OnnxClassifier.predict_files`, the path of `fastcls predict --model model.onnx`:
+`export_onnx` and run by onnxruntime (`OnnxClassifier.predict_files`, the path of `fastcls predict --model model.onnx`: on a thread pool,
 Pillow decodes and resizes each file once, no torch).
 
-    flock /tmp/fastcls-cpu.lock python benchmarks/bench_predict.py [--size 96] [--bs 64] [--n 656]
+    flock /tmp/fastcls-cpu.lock python benchmarks/bench_predict.py [--arch resnet18] [--size 96] [--bs 64] [--n 656]
+
+The loop pays fastai's per-call overhead on every image; the batched paths pay the model's forward passes and one decode per
+file. So the speed-up is bounded by (loop time) / (batched forward time): the script also times the model alone on the
+decoded, batched images (eager PyTorch, and the ONNX graph in onnxruntime) and prints those ceilings.
 """
 import argparse, time, tempfile, warnings
 from pathlib import Path
@@ -21,15 +25,15 @@ from fastcls.runtime import OnnxClassifier
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--size', type=int, default=96); p.add_argument('--bs', type=int, default=64); p.add_argument('--n', type=int, default=656)
+    p.add_argument('--arch', default='resnet18'); p.add_argument('--size', type=int, default=96); p.add_argument('--bs', type=int, default=64); p.add_argument('--n', type=int, default=656)
     a = p.parse_args()
     warnings.filterwarnings('ignore')
     df = elpv_df()
-    learn = cls_learner(make_dls(df, a.size, a.bs), 'resnet18', pretrained=False)
+    learn = cls_learner(make_dls(df, a.size, a.bs), a.arch, pretrained=False)
     d = Path(tempfile.mkdtemp()); learn.export(d/'export.pkl')
     learn = load_learner(d/'export.pkl', cpu=True)
     files = df.fname[df.is_valid].tolist()[:a.n]
-    print(f"{len(files)} ELPV validation images, resnet18 at {a.size} px, torch threads {torch.get_num_threads()}")
+    print(f"{len(files)} ELPV validation images, {a.arch} at {a.size} px, torch threads {torch.get_num_threads()}")
     with learn.no_bar():
         learn.predict(PILImage.create(files[0])); learn.predict_files(files[:a.bs], bs=a.bs)  # warm-up
         t = time.perf_counter(); loop = [str(learn.predict(PILImage.create(f))[0]) for f in files]; t_loop = time.perf_counter() - t
@@ -38,11 +42,24 @@ def main():
     learn.export_onnx(d/'model.onnx'); clf = OnnxClassifier(d/'model.onnx')
     clf.predict_files(files[:a.bs], bs=a.bs)  # warm-up
     t = time.perf_counter(); ores = clf.predict_files(files, bs=a.bs); t_onnx = time.perf_counter() - t
+    dl = learn.dls.test_dl(files, bs=a.bs); xbs = [b[0] for b in dl]  # decoded, resized, normalised: what the model sees
+    learn.model.eval()
+    with torch.no_grad():
+        learn.model(xbs[0])  # warm-up
+        t = time.perf_counter()
+        for xb in xbs: learn.model(xb)
+        t_model = time.perf_counter() - t
+    oxs = [np.stack([clf.load(f)[0] for f in files[i:i+a.bs]]) for i in range(0, len(files), a.bs)]  # decoded, resized
+    t = time.perf_counter()
+    for x in oxs: clf(x)
+    t_ort = time.perf_counter() - t
     same = float(np.mean(np.array(loop) == res.label.values))
     print(f"one-image loop (old fastcls predict) : {t_loop:7.2f} s  ({len(files)/t_loop:6.1f} img/s)")
     print(f"predict_files bs={a.bs:<3}               : {t_batch:7.2f} s  ({len(files)/t_batch:6.1f} img/s)  speed-up {t_loop/t_batch:.1f}x")
     print(f"predict_files tta=True (6 passes)    : {t_tta:7.2f} s  ({t_tta/t_batch:.1f}x the plain batch run)")
     print(f"ONNX Runtime predict_files bs={a.bs:<3}  : {t_onnx:7.2f} s  ({len(files)/t_onnx:6.1f} img/s)  speed-up {t_loop/t_onnx:.1f}x")
+    print(f"the model alone, eager, bs={a.bs:<3}     : {t_model:7.2f} s  (ceiling of predict_files: {t_loop/t_model:.1f}x the loop)")
+    print(f"the ONNX graph alone, bs={a.bs:<3}       : {t_ort:7.2f} s  (ceiling of the ONNX path: {t_loop/t_ort:.1f}x the loop)")
     print(f"same labels: predict_files {same:.1%}, ONNX Runtime {np.mean(np.array(loop) == ores.label.values):.1%}")
 
 if __name__ == '__main__': main()

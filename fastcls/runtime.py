@@ -4,13 +4,15 @@
 
 # %% ../nbs/34_runtime.ipynb #4539714d
 from __future__ import annotations
-import json
+import collections, json, os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['onnx_format', 'topk_str', 'preds_frame', 'label_metrics', 'open_image', 'fastai_resize', 'OnnxClassifier']
+__all__ = ['onnx_format', 'topk_str', 'preds_frame', 'label_metrics', 'open_image', 'fastai_resize', 'threaded_map',
+           'OnnxClassifier']
 
 # %% ../nbs/34_runtime.ipynb #801619cb
 def topk_str(probs, vocab, k:int=3) -> list:
@@ -48,7 +50,9 @@ def label_metrics(df:pd.DataFrame) -> dict:
     return dict(n=int(len(d)), accuracy=float((d.label == d.true_label).mean()), balanced_accuracy=float(np.mean(rec)))
 
 # %% ../nbs/34_runtime.ipynb #e7a7152f
-def open_image(fn, n_in:int=3) -> tuple:
+def open_image(fn, n_in:int=3,
+               keep_gray:bool=False, # leave an 8-bit grayscale (L) image as it is (to be replicated to `n_in` channels after resizing)
+              ) -> tuple:
     "(Pillow image converted to RGB or L, None) or (None, problem) for a model taking `n_in` channels"
     fn = Path(fn)
     if not fn.is_file(): return None, 'file not found'
@@ -59,6 +63,7 @@ def open_image(fn, n_in:int=3) -> tuple:
     bands = Image.getmodebands(im.mode) if im.mode != 'P' else 1
     if bands not in (1, n_in):
         return None, f"image has {bands} channels (mode {im.mode}), the model takes {n_in}: convert it to {'RGB' if n_in == 3 else 'L'} first"
+    if keep_gray and im.mode == 'L': return im, None  # resizing then replicating gives the pixels of converting first
     return im.convert('RGB' if n_in == 3 else 'L'), None
 
 _np_pad = {'zeros': 'constant', 'border': 'edge', 'reflection': 'reflect'}
@@ -91,6 +96,18 @@ def _session(path):
     so = ort.SessionOptions(); so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
 
+def threaded_map(f, items, n_workers:int|None=None, # threads (default: the CPU count); 0 or 1 maps in this thread
+                 ahead:int=256): # most items in flight, so results do not pile up ahead of a slow consumer
+    "`map(f, items)`, computed on a thread pool and yielded in order: Pillow decodes and resizes without holding the GIL"
+    n_workers = (os.cpu_count() or 1) if n_workers is None else n_workers
+    if n_workers <= 1: yield from map(f, items); return
+    with ThreadPoolExecutor(n_workers) as ex:
+        q = collections.deque()
+        for o in items:
+            q.append(ex.submit(f, o))
+            if len(q) >= ahead: yield q.popleft().result()
+        while q: yield q.popleft().result()
+
 onnx_format = 'fastcls-onnx-1'
 
 class OnnxClassifier:
@@ -109,30 +126,37 @@ class OnnxClassifier:
         self.input = self.sess.get_inputs()[0].name
 
     def image(self, im:Image.Image) -> np.ndarray:
-        "The (C,H,W) array the graph takes for Pillow image `im` (already converted)"
+        "The (C,H,W) array the graph takes for Pillow image `im` (converted by `open_image`; an L image is replicated to the model's channels)"
         rs = self.meta.get('resize') or {}
         if rs: im = fastai_resize(im, self.size, rs.get('method', 'crop'), rs.get('pad_mode', 'reflection'))
         elif im.size != self.size[::-1]: raise ValueError(f"image is {im.size[1]}x{im.size[0]}, the model takes {self.size[0]}x{self.size[1]} and has no resize")
         a = np.asarray(im)
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        a = np.broadcast_to(a, (self.n_in, *a.shape)) if a.ndim == 2 else a.transpose(2, 0, 1)
         return a.astype(np.uint8) if self.meta['dtype'] == 'uint8' else a.astype(np.float32)/255
 
     def __call__(self, x:np.ndarray) -> np.ndarray:
         "Probabilities (B, n_classes) of a batch `x` (B,C,H,W) in the graph's dtype"
         return self.sess.run(None, {self.input: x})[0]
 
-    def predict_files(self, files, bs:int=64, labels=None, k:int=3, progress=None) -> pd.DataFrame:
-        "Predict image `files` in batches; `progress(done, total)` is called after each batch (see `preds_frame`)"
+    def load(self, fn) -> tuple:
+        "(the array the graph takes for image file `fn`, None) or (None, the problem with it)"
+        im,prob = open_image(fn, self.n_in, keep_gray=True)
+        return (None if im is None else self.image(im)),prob
+
+    def predict_files(self, files, bs:int=64, labels=None, k:int=3,
+                      progress=None, # `progress(done, total)` is called after each batch
+                      n_workers:int|None=None, # threads decoding the files while the graph runs (default: the CPU count)
+                     ) -> pd.DataFrame:
+        "Predict image `files` in batches (see `preds_frame`)"
         files = list(files)
         if not files: raise ValueError("no image files to predict")
         probs,problems,ok,batch = [],[],[],[]
         def _flush():
             if batch: probs.append(self(np.stack(batch))); batch.clear()
             if progress: progress(len(ok), len(files))
-        for f in files:
-            im,prob = open_image(f, self.n_in)
-            problems.append(prob); ok.append(im is not None)
-            if im is not None: batch.append(self.image(im))
+        for a,prob in threaded_map(self.load, files, n_workers, ahead=4*bs):
+            problems.append(prob); ok.append(a is not None)
+            if a is not None: batch.append(a)
             if len(batch) == bs: _flush()
         _flush()
         if not any(ok):
