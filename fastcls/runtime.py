@@ -90,10 +90,11 @@ def fastai_resize(im:Image.Image, size, # (height, width)
     return im.resize((w_t, h_t), Image.BILINEAR)
 
 # %% ../nbs/34_runtime.ipynb #cad3dac6
-def _session(path):
+def _session(path, spin:bool=True): # spin: the threads busy-wait between ops (the lowest latency when nothing else shares the cores)
     try: import onnxruntime as ort
     except ImportError: raise ImportError("predicting with an ONNX model needs onnxruntime: pip install onnxruntime") from None
     so = ort.SessionOptions(); so.log_severity_level = 3
+    if not spin: so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
 
 def threaded_map(f, items, n_workers:int|None=None, # threads (default: the CPU count); 0 or 1 maps in this thread
@@ -124,6 +125,7 @@ class OnnxClassifier:
         self.vocab,self.size,self.n_in = self.meta['vocab'],tuple(self.meta['size']),self.meta['n_in']
         self.sess = _session(self.path)
         self.input = self.sess.get_inputs()[0].name
+        self._quiet_sess = None  # made by `predict_files`: its threads sleep while the decoding threads work
 
     def image(self, im:Image.Image) -> np.ndarray:
         "The (C,H,W) array the graph takes for Pillow image `im` (converted by `open_image`; an L image is replicated to the model's channels)"
@@ -150,9 +152,14 @@ class OnnxClassifier:
         "Predict image `files` in batches (see `preds_frame`)"
         files = list(files)
         if not files: raise ValueError("no image files to predict")
+        n_workers = (os.cpu_count() or 1) if n_workers is None else n_workers
+        sess = self.sess
+        if n_workers > 1:  # onnxruntime's spinning threads would take the cores from the decoders
+            if self._quiet_sess is None: self._quiet_sess = _session(self.path, spin=False)
+            sess = self._quiet_sess
         probs,problems,ok,batch = [],[],[],[]
         def _flush():
-            if batch: probs.append(self(np.stack(batch))); batch.clear()
+            if batch: probs.append(sess.run(None, {self.input: np.stack(batch)})[0]); batch.clear()
             if progress: progress(len(ok), len(files))
         for a,prob in threaded_map(self.load, files, n_workers, ahead=4*bs):
             problems.append(prob); ok.append(a is not None)
