@@ -1029,6 +1029,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastcls.runtime._session': ('runtime.html#_session', 'fastcls/runtime.py'),
                                  'fastcls.runtime.fastai_resize': ('runtime.html#fastai_resize', 'fastcls/runtime.py'),
                                  'fastcls.runtime.label_metrics': ('runtime.html#label_metrics', 'fastcls/runtime.py'),
+                                 'fastcls.runtime.n_cpus': ('runtime.html#n_cpus', 'fastcls/runtime.py'),
                                  'fastcls.runtime.open_image': ('runtime.html#open_image', 'fastcls/runtime.py'),
                                  'fastcls.runtime.preds_frame': ('runtime.html#preds_frame', 'fastcls/runtime.py'),
                                  'fastcls.runtime.threaded_map': ('runtime.html#threaded_map', 'fastcls/runtime.py'),

@@ -11,7 +11,7 @@ import numpy as np, pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['onnx_format', 'topk_str', 'preds_frame', 'label_metrics', 'open_image', 'fastai_resize', 'threaded_map',
+__all__ = ['onnx_format', 'topk_str', 'preds_frame', 'label_metrics', 'open_image', 'fastai_resize', 'n_cpus', 'threaded_map',
            'OnnxClassifier']
 
 # %% ../nbs/34_runtime.ipynb #801619cb
@@ -97,10 +97,15 @@ def _session(path, spin:bool=True): # spin: the threads busy-wait between ops (t
     if not spin: so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
 
-def threaded_map(f, items, n_workers:int|None=None, # threads (default: the CPU count); 0 or 1 maps in this thread
+def n_cpus() -> int:
+    "CPUs this process may run on (its affinity mask, as fastcore's `num_cpus`; the machine's count elsewhere)"
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+def threaded_map(f, items, n_workers:int|None=None, # threads (default: `n_cpus()`); 0 or 1 maps in this thread
                  ahead:int=256): # most items in flight, so results do not pile up ahead of a slow consumer
     "`map(f, items)`, computed on a thread pool and yielded in order: Pillow decodes and resizes without holding the GIL"
-    n_workers = (os.cpu_count() or 1) if n_workers is None else n_workers
+    n_workers = n_cpus() if n_workers is None else n_workers
     if n_workers <= 1: yield from map(f, items); return
     with ThreadPoolExecutor(n_workers) as ex:
         q = collections.deque()
@@ -147,12 +152,12 @@ class OnnxClassifier:
 
     def predict_files(self, files, bs:int=64, labels=None, k:int=3,
                       progress=None, # `progress(done, total)` is called after each batch
-                      n_workers:int|None=None, # threads decoding the files while the graph runs (default: the CPU count)
+                      n_workers:int|None=None, # threads decoding the files while the graph runs (default: `n_cpus()`)
                      ) -> pd.DataFrame:
         "Predict image `files` in batches (see `preds_frame`)"
         files = list(files)
         if not files: raise ValueError("no image files to predict")
-        n_workers = (os.cpu_count() or 1) if n_workers is None else n_workers
+        n_workers = n_cpus() if n_workers is None else n_workers
         sess = self.sess
         if n_workers > 1:  # onnxruntime's spinning threads would take the cores from the decoders
             if self._quiet_sess is None: self._quiet_sess = _session(self.path, spin=False)
