@@ -4,6 +4,7 @@
 
 # %% ../nbs/32_predict.ipynb #f54de39b
 from __future__ import annotations
+import contextlib
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
@@ -15,10 +16,10 @@ from fastcore.basics import patch, defaults
 from fastcore.parallel import parallel
 from .core import Registry
 from .data.check import check_image
-from .runtime import preds_frame, label_metrics
+from .runtime import preds_frame, label_metrics, cpu_batch_size
 
 # %% auto #0
-__all__ = ['tta_views', 'default_tta', 'zoom_crop', 'TTAView', 'model_channels', 'image_problem']
+__all__ = ['tta_views', 'default_tta', 'zoom_crop', 'TTAView', 'model_channels', 'image_problem', 'cpu_channels_last']
 
 # %% ../nbs/32_predict.ipynb #193b86d0
 tta_views = Registry('TTA view')
@@ -95,10 +96,20 @@ def image_problem(fn, n_in:int=3) -> tuple[str|None, bool]:
     return prob, True
 
 # %% ../nbs/32_predict.ipynb #4b137bf3
+@contextlib.contextmanager
+def cpu_channels_last(model:nn.Module):
+    "Inside: `model`'s 4-d weights on the CPU in channels-last memory format (the faster layout for CPU convolutions); as they were after"
+    ws = [p for p in model.parameters() if p.dim() == 4 and p.device.type == 'cpu']
+    old = [p.data for p in ws]
+    for p in ws: p.data = p.data.contiguous(memory_format=torch.channels_last)
+    try: yield model
+    finally:
+        for p,d in zip(ws, old): p.data = d
+
 @patch
 def predict_files(self:Learner, files, # image files
                   tta=False, # True for `default_tta`, or names in `tta_views`
-                  bs:int=64, # batch size
+                  bs:int|None=None, # images per batch (default: 64 on a GPU, `cpu_batch_size` of the input size on the CPU)
                   labels=None, # true labels of `files`, for `true_label` and `correct`
                   k:int=3, # classes in the `topk` column
                   beta:float=0.25, # TTA: weight of the plain prediction
@@ -113,6 +124,10 @@ def predict_files(self:Learner, files, # image files
     if not ok.any():
         lines = '\n'.join(f"  {f}: {c[0]}" for f,c in list(zip(files, checks))[:10])
         raise ValueError(f"none of the {len(files)} images can be predicted:\n{lines}")
-    dl = self.dls.test_dl([f for f,o in zip(files, ok) if o], bs=bs)
-    probs = (self.tta_preds(dl, tta, beta) if tta else self.get_preds(dl=dl))[0].float().numpy()
+    todo = [f for f,o in zip(files, ok) if o]
+    on_cpu = next(self.model.parameters()).device.type == 'cpu'
+    if bs is None: bs = cpu_batch_size(self.dls.test_dl(todo[:1]).one_batch()[0].shape[-2:]) if on_cpu else 64
+    dl = self.dls.test_dl(todo, bs=bs)
+    with cpu_channels_last(self.model) if on_cpu else contextlib.nullcontext():
+        probs = (self.tta_preds(dl, tta, beta) if tta else self.get_preds(dl=dl))[0].float().numpy()
     return preds_frame(files, probs, self.dls.vocab, [c[0] for c in checks], ok, labels, k)

@@ -11,8 +11,8 @@ import numpy as np, pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['onnx_format', 'topk_str', 'preds_frame', 'label_metrics', 'open_image', 'fastai_resize', 'n_cpus', 'threaded_map',
-           'OnnxClassifier']
+__all__ = ['onnx_format', 'topk_str', 'preds_frame', 'label_metrics', 'open_image', 'fastai_resize', 'n_cpus', 'cpu_batch_size',
+           'threaded_map', 'OnnxClassifier']
 
 # %% ../nbs/34_runtime.ipynb #801619cb
 def topk_str(probs, vocab, k:int=3) -> list:
@@ -102,6 +102,12 @@ def n_cpus() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+def cpu_batch_size(size, # (height, width) of the model's input
+                   max_pixels:int=2**19, # pixels per batch: 56 images at 96 px, 10 at 224 px, 5 at 300 px
+                   max_bs:int=64) -> int:
+    "Images of `size` per batch on the CPU: large batches of large images run slower per image (their activations leave the cache)"
+    return int(min(max_bs, max(1, max_pixels // (size[0]*size[1]))))
+
 def threaded_map(f, items, n_workers:int|None=None, # threads (default: `n_cpus()`); 0 or 1 maps in this thread
                  ahead:int=256): # most items in flight, so results do not pile up ahead of a slow consumer
     "`map(f, items)`, computed on a thread pool and yielded in order: Pillow decodes and resizes without holding the GIL"
@@ -150,7 +156,8 @@ class OnnxClassifier:
         im,prob = open_image(fn, self.n_in, keep_gray=True)
         return (None if im is None else self.image(im)),prob
 
-    def predict_files(self, files, bs:int=64, labels=None, k:int=3,
+    def predict_files(self, files, bs:int|None=None, # images per batch (default: `cpu_batch_size` of the model's input size)
+                      labels=None, k:int=3,
                       progress=None, # `progress(done, total)` is called after each batch
                       n_workers:int|None=None, # threads decoding the files while the graph runs (default: `n_cpus()`)
                      ) -> pd.DataFrame:
@@ -158,6 +165,7 @@ class OnnxClassifier:
         files = list(files)
         if not files: raise ValueError("no image files to predict")
         n_workers = n_cpus() if n_workers is None else n_workers
+        bs = cpu_batch_size(self.size) if bs is None else bs
         sess = self.sess
         if n_workers > 1:  # onnxruntime's spinning threads would take the cores from the decoders
             if self._quiet_sess is None: self._quiet_sess = _session(self.path, spin=False)

@@ -417,7 +417,7 @@ def _predict_torch(model, files, labels, tta, bs, k, quiet):
 def predict(*paths:str, # image files, folders of images, or a CSV with columns path[,label]
             model:str=None, # folder written by `fastcls train --out` (or its export.pkl), or a model.onnx from `fastcls export`
             tta:bool=False, # test-time augmentation: flip and four corner crops (not with .onnx)
-            bs:int=64, # batch size
+            bs:int=None, # images per batch (default: 64 on a GPU; on the CPU as many as make 2**19 pixels, 5 at 300 px)
             out:str=None, # write the predictions to this .csv or .json file
             json:bool=False, # print JSON lines instead of a table
             k:int=3, # classes in the topk column
