@@ -12,7 +12,7 @@ rotated by a random element of the dihedral group (the cells are symmetric; this
 approximation of image augmentation). `cut` 6 trains the last block stage (320 channels) and `conv_head`, `cut` 5 also the stage before
 it. Scores as `bench_probe_features.py` (plain, post-hoc LA τ = 1, ordinal median). One JSON line per (cut, loss, seed).
 """
-import argparse, json, time, warnings
+import argparse, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
@@ -21,7 +21,7 @@ from fastcls.cli.core import make_dls
 from fastcls.data.datasets import elpv_df
 from fastcls.learner import cls_learner
 from fastcls.losses.longtail import losses
-from bench_probe_features import scores
+from bench_probe_features import scores, read_rows, score_cell, recall_cell, grouped, emitter
 
 warnings.filterwarnings('ignore')
 ARCH = 'tf_efficientnet_lite0'
@@ -72,18 +72,14 @@ def fit_top(acts, cut, cached_cut, size, seed, loss, epochs, lr_body, lr_head, b
     with torch.no_grad(): return torch.cat([top(xv[i:i+128]) for i in range(0, len(xv), 128)]), yt, yv, train_s
 
 def table(files):
-    rows = [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
+    rows = read_rows(files)
     for r in rows:
         if r['kind'] == 'activations': print(f"activations after blocks[:{r['cut']}] at {r['size']} px: {r['seconds']} s for train + valid")
     print('\n| trained | loss | epochs | lr body / head | top-1 / balanced (mean ± sd) | recalls (mean) | + post-hoc LA τ=1 | LA recalls (mean) | ordinal median | train s (mean) | seeds |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')
-    groups = {}
-    for r in rows:
-        if r['kind'] == 'top': groups.setdefault((r['cut'], r['loss'], r['epochs'], r['lr_body'], r['lr_head']), []).append(r)
-    ms = lambda v: f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
+    groups = grouped(rows, 'top', lambda r: (r['cut'], r['loss'], r['epochs'], r['lr_body'], r['lr_head']))
     for (cut,loss,ep,lb,lh),rs in groups.items():
-        cell = lambda k: f"{ms([r[k]['top1'] for r in rs])} / {ms([r[k]['balanced'] for r in rs])}"
-        rec = lambda k: ' / '.join(f'{x:.2f}' for x in np.mean([r[k]['recalls'] for r in rs], 0))
+        cell,rec = (lambda k: score_cell(rs, k)),(lambda k: recall_cell(rs, k))
         print(f"| blocks[{cut}:] + conv_head + head | {loss} | {ep} | {lb:g} / {lh:g} | {cell('plain')} | {rec('plain')} | {cell('la')} | {rec('la')} | "
               f"{cell('median')} | {np.mean([r['train_s'] for r in rs]):.0f} | {', '.join(str(r['seed']) for r in rs)} |")
 
@@ -96,10 +92,7 @@ def main():
     a = p.parse_args()
     if a.table is not None: return table(a.table)
     torch.set_num_threads(2)
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    def emit(d):
-        print(json.dumps(d), flush=True)
-        with open(out, 'a') as f: f.write(json.dumps(d) + '\n')
+    emit = emitter(Path(a.out))
     cuts = [int(c) for c in a.cuts.split(',')]
     t0 = time.time(); acts,vocab = activations(a.size, min(cuts))
     emit(dict(kind='activations', arch=ARCH, size=a.size, cut=min(cuts), seconds=round(time.time() - t0, 1), shape=list(acts['train'][0].shape), vocab=vocab))

@@ -82,19 +82,34 @@ def fit_head(xt, yt, xv, yv, sampler, seed, epochs=10, lr=1e-2, bs=64):
     learn.model.eval()
     with torch.no_grad(): return learn.model(xv)
 
+def read_rows(files): return [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
+def mean_sd(v): return f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
+def score_cell(rs, k): return f"{mean_sd([r[k]['top1'] for r in rs])} / {mean_sd([r[k]['balanced'] for r in rs])}"
+def recall_cell(rs, k): return ' / '.join(f'{x:.2f}' for x in np.mean([r[k]['recalls'] for r in rs], 0))
+def grouped(rows, kind, key):
+    "The rows of `kind`, grouped by `key(row)` in order of appearance"
+    groups = {}
+    for r in rows:
+        if r['kind'] == kind: groups.setdefault(key(r), []).append(r)
+    return groups
+
+def emitter(out:Path):
+    "A function printing a result as a JSON line and appending it to `out`"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    def emit(d):
+        print(json.dumps(d), flush=True)
+        with open(out, 'a') as f: f.write(json.dumps(d) + '\n')
+    return emit
+
 def table(files):
-    rows = [json.loads(l) for f in files for l in Path(f).read_text().splitlines() if l.strip()]
+    rows = read_rows(files)
     for r in rows:
         if r['kind'] == 'features': print(f"features of {r['arch']} at {r['size']} px: {r['seconds']} s for train + valid")
     print('\n| backbone | size | features | dims | sampler | top-1 / balanced (seeds 42, 1, 2 mean ± sd) | recalls (mean) | + post-hoc LA τ=1 | LA recalls (mean) | ordinal median | LA + ordinal median |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')
-    groups = {}
-    for r in rows:
-        if r['kind'] == 'probe': groups.setdefault((r['arch'], r.get('size', 300), r['features'], r['sampler']), []).append(r)
-    ms = lambda v: f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
+    groups = grouped(rows, 'probe', lambda r: (r['arch'], r.get('size', 300), r['features'], r['sampler']))
     for (arch, size, fs, smp), rs in groups.items():
-        cell = lambda k: f"{ms([r[k]['top1'] for r in rs])} / {ms([r[k]['balanced'] for r in rs])}"
-        rec = lambda k: ' / '.join(f'{x:.2f}' for x in np.mean([r[k]['recalls'] for r in rs], 0))
+        cell,rec = (lambda k: score_cell(rs, k)),(lambda k: recall_cell(rs, k))
         opt = lambda k: cell(k) if k in rs[0] else '–'
         print(f"| {arch} | {size} | {fs} | {rs[0]['dims']} | {smp} | {cell('plain')} | {rec('plain')} | {cell('la')} | {rec('la')} | {opt('median')} | {opt('la_median')} |")
 
@@ -106,10 +121,7 @@ def main():
     a = p.parse_args()
     if a.table is not None: return table(a.table)
     torch.set_num_threads(2)
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    def emit(d):
-        print(json.dumps(d), flush=True)
-        with open(out, 'a') as f: f.write(json.dumps(d) + '\n')
+    emit = emitter(Path(a.out))
     archs, seeds = a.archs.split(','), [int(s) for s in a.seeds.split(',')]
     feats = {}
     for arch in archs:
